@@ -1,0 +1,35 @@
+# The two entry points a newcomer needs: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORRAL := $(VENV)/bin/corral
+
+.PHONY: demo test unit integration typecheck install install-test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(PY) -m corral.lab.demo
+
+test: install-test
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+unit: install-test
+	$(PY) -m pytest -q tests/unit
+
+integration: install-test
+	$(PY) -m pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache
