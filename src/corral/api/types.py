@@ -1,0 +1,265 @@
+"""API objects: nodes, services, tasks — the things the store holds and the API serves.
+
+The shapes follow swarmkit's: an object has an immutable ID, a version (bumped by the store
+on every write, used for optimistic concurrency), a *spec* written by the user, and a
+*status* written by the component that observes it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def new_id(length: int = 25) -> str:
+    """A random lowercase base-36 ID, like swarmkit's (docker shows the first 12 characters)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+def now() -> float:
+    """Wall-clock time as stored in objects (seconds since the epoch)."""
+    return time.time()
+
+
+class Model(BaseModel):
+    """Base for every API object: strict about unknown fields so typos are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class NodeRole(str, Enum):
+    WORKER = "worker"
+    MANAGER = "manager"
+
+
+class NodeAvailability(str, Enum):
+    ACTIVE = "active"
+    PAUSE = "pause"
+    DRAIN = "drain"
+
+
+class NodeState(str, Enum):
+    UNKNOWN = "unknown"
+    DOWN = "down"
+    READY = "ready"
+    DISCONNECTED = "disconnected"
+
+
+class NodeSpec(Model):
+    role: NodeRole = NodeRole.WORKER
+    availability: NodeAvailability = NodeAvailability.ACTIVE
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class NodeDescription(Model):
+    hostname: str
+    addr: str
+    os: str = "linux"
+    arch: str = "x86_64"
+    engine_version: str = ""
+
+
+class NodeStatus(Model):
+    state: NodeState = NodeState.UNKNOWN
+    message: str = ""
+    updated_at: float = Field(default_factory=now)
+
+
+class Node(Model):
+    id: str
+    version: int = 0
+    created_at: float = Field(default_factory=now)
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+    description: NodeDescription
+    status: NodeStatus = Field(default_factory=NodeStatus)
+    # sha256 of the node's session secret; the secret itself never leaves the node.
+    secret_digest: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return self.description.hostname
+
+
+# --------------------------------------------------------------------------- services
+
+
+class ServiceMode(str, Enum):
+    REPLICATED = "replicated"
+    GLOBAL = "global"
+
+
+class RestartCondition(str, Enum):
+    ANY = "any"
+    ON_FAILURE = "on-failure"
+    NONE = "none"
+
+
+class RestartPolicy(Model):
+    condition: RestartCondition = RestartCondition.ANY
+    delay: float = 5.0
+    max_attempts: int = Field(default=0, ge=0)  # 0 = unlimited
+    window: float = 0.0  # 0 = attempts count over the whole life of the slot
+
+
+class PortConfig(Model):
+    protocol: Literal["tcp", "udp"] = "tcp"
+    target_port: int = Field(ge=1, le=65535)
+    published_port: int = Field(ge=1, le=65535)
+    publish_mode: Literal["ingress", "host"] = "ingress"
+
+
+class Placement(Model):
+    constraints: list[str] = Field(default_factory=list)
+    max_replicas: int = Field(default=0, ge=0)  # per node; 0 = no limit
+
+
+class ContainerSpec(Model):
+    """What a task runs. With the process runtime, `image` names a built-in app or an executable."""
+
+    image: str
+    command: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    env: list[str] = Field(default_factory=list)  # "K=V"
+    stop_grace_period: float = 10.0
+
+
+class ServiceSpec(Model):
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+    labels: dict[str, str] = Field(default_factory=dict)
+    task: ContainerSpec
+    mode: ServiceMode = ServiceMode.REPLICATED
+    replicas: int = Field(default=1, ge=0)
+    restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
+    placement: Placement = Field(default_factory=Placement)
+    ports: list[PortConfig] = Field(default_factory=list)
+
+
+class Service(Model):
+    id: str
+    version: int = 0
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+    spec: ServiceSpec
+    # Bumped on every spec change; tasks remember the spec generation they were made from.
+    spec_version: int = 1
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class TaskState(str, Enum):
+    """Task lifecycle, in order. A task's observed state only ever moves forward."""
+
+    NEW = "new"
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    ACCEPTED = "accepted"
+    PREPARING = "preparing"
+    READY = "ready"
+    STARTING = "starting"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    SHUTDOWN = "shutdown"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    REMOVE = "remove"
+    ORPHANED = "orphaned"
+
+    @property
+    def rank(self) -> int:
+        return _STATE_ORDER[self]
+
+    def __lt__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, TaskState):
+            return NotImplemented
+        return self.rank < other.rank
+
+    def __le__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, TaskState):
+            return NotImplemented
+        return self.rank <= other.rank
+
+    def __gt__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, TaskState):
+            return NotImplemented
+        return self.rank > other.rank
+
+    def __ge__(self, other: object) -> bool:  # type: ignore[override]
+        if not isinstance(other, TaskState):
+            return NotImplemented
+        return self.rank >= other.rank
+
+    @property
+    def terminal(self) -> bool:
+        """True once the task has stopped for good (complete, shutdown, failed, …)."""
+        return self.rank > _STATE_ORDER[TaskState.RUNNING]
+
+
+_STATE_ORDER: dict[TaskState, int] = {s: i for i, s in enumerate(TaskState)}
+
+
+class TaskStatus(Model):
+    state: TaskState = TaskState.NEW
+    message: str = ""
+    err: str = ""
+    timestamp: float = Field(default_factory=now)
+    exit_code: int | None = None
+    # Where the task listens, as reported by the agent (process runtime: node addr + free port).
+    addr: str = ""
+    port: int = 0
+    pid: int = 0
+
+
+class Task(Model):
+    id: str
+    version: int = 0
+    created_at: float = Field(default_factory=now)
+    service_id: str
+    service_name: str
+    slot: int = 0  # replicated services: 1..N; global services: 0 (node_id identifies the task)
+    node_id: str = ""
+    spec: ContainerSpec
+    spec_version: int = 1
+    desired_state: TaskState = TaskState.RUNNING
+    status: TaskStatus = Field(default_factory=TaskStatus)
+    # Restart supervision: a replacement task waits (desired READY) until this time.
+    restart_at: float = 0.0
+    # Published ports of the service, copied so agents and the mesh need no service lookup.
+    ports: list[PortConfig] = Field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """Docker's task name: `search.2` for a slot, `search.<node id>` for a global task."""
+        if self.slot:
+            return f"{self.service_name}.{self.slot}"
+        return f"{self.service_name}.{self.node_id}"
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class Cluster(Model):
+    """Swarm-wide settings and secrets (one object, id "default")."""
+
+    id: str = "default"
+    version: int = 0
+    created_at: float = Field(default_factory=now)
+    cluster_id: str = Field(default_factory=new_id)
+    # Root secret the join tokens are derived from; a later issue replaces it with the CA.
+    root_digest: str = ""
+    worker_secret: str = ""
+    manager_secret: str = ""
+    heartbeat_period: float = 1.0
+    task_history_limit: int = 5
+
+
+StoredObject = Node | Service | Task | Cluster
