@@ -107,7 +107,6 @@ class RestartPolicy(Model):
     condition: RestartCondition = RestartCondition.ANY
     delay: float = 5.0
     max_attempts: int = Field(default=0, ge=0)  # 0 = unlimited
-    window: float = 0.0  # 0 = attempts count over the whole life of the slot
 
 
 class PortConfig(Model):
@@ -233,6 +232,8 @@ class Task(Model):
     status: TaskStatus = Field(default_factory=TaskStatus)
     # Restart supervision: a replacement task waits (desired READY) until this time.
     restart_at: float = 0.0
+    # How many tasks this slot ran before this one (checked against restart max attempts).
+    attempt: int = 0
     # Published ports of the service, copied so agents and the mesh need no service lookup.
     ports: list[PortConfig] = Field(default_factory=list)
 

@@ -1,0 +1,257 @@
+"""Agent: runs the tasks the manager assigns to this node and reports what it observes.
+
+How this works: three loops share one session with the manager — heartbeats every period,
+a long-poll for assignments (the node's tasks plus the cluster's ingress endpoints), and a
+sender that reports task states in order. Each assigned task gets one `TaskRunner` that walks
+it through the executor's controller, one step per state (swarmkit's agent/exec model). The
+manager only changes a task's *desired* state; the runner reacts to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from corral.agent.exec import Controller, Executor, TaskFailed, TaskRejected
+from corral.agent.session import ManagerSession, SessionRefused
+from corral.api.types import Task, TaskState
+from corral.manager.dispatcher import Assignments, Endpoint, StatusUpdate
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[StatusUpdate], None]
+
+
+async def wait_listening(addr: str, port: int, timeout: float, alive: Callable[[], bool]) -> bool:
+    """Poll until the task accepts TCP connections, so the mesh never sees a half-started task."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            _, writer = await asyncio.open_connection(addr, port)
+            writer.close()
+            return True
+        except OSError:
+            await asyncio.sleep(0.05)
+    return False
+
+
+class TaskRunner:
+    """Drives one task from ACCEPTED to a final state, following its desired state."""
+
+    def __init__(self, task: Task, controller: Controller, report: Report) -> None:
+        self.task = task
+        self.ctl = controller
+        self._report = report
+        self.changed = asyncio.Event()
+        self.state = task.status.state
+
+    def set_task(self, task: Task) -> None:
+        """A newer copy of the task arrived (its desired state may have changed)."""
+        self.task = task
+        self.changed.set()
+
+    def forget(self) -> None:
+        """The task is gone from the manager: stop it."""
+        self.task = self.task.model_copy(update={"desired_state": TaskState.REMOVE})
+        self.changed.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.task.desired_state > TaskState.RUNNING
+
+    def report(self, state: TaskState, message: str, err: str = "", exit_code: int | None = None) -> None:
+        self.state = state
+        addr, port = self.ctl.endpoint
+        self._report(StatusUpdate(task_id=self.task.id, state=state, message=message, err=err,
+                                  exit_code=exit_code, addr=addr, port=port, pid=self.ctl.pid))
+
+    async def _until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def run(self) -> None:
+        """The task's whole life on this node."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            # The agent is shutting down: stop the process, report nothing (the manager will
+            # see the node go down, or the daemon reports on restart).
+            await asyncio.shield(self.ctl.shutdown(0.5))
+            raise
+        except Exception as exc:  # a runtime bug must end this task, not the agent
+            log.exception("task %s: runtime error", self.task.name)
+            await self.ctl.shutdown(0)
+            self.report(TaskState.FAILED, "runtime error", err=str(exc))
+        finally:
+            await self.ctl.remove()
+
+    async def _run(self) -> None:
+        if self.stopping:
+            self.report(TaskState.SHUTDOWN, "shutdown before start")
+            return
+        self.report(TaskState.ACCEPTED, "accepted")
+        self.report(TaskState.PREPARING, "preparing")
+        try:
+            await self.ctl.prepare()
+        except TaskRejected as exc:
+            self.report(TaskState.REJECTED, "rejected", err=str(exc))
+            return
+        self.report(TaskState.READY, "prepared")
+        # A replacement waiting out its restart delay stays READY until the manager says run.
+        await self._until(lambda: self.task.desired_state is not TaskState.READY)
+        if self.stopping:
+            self.report(TaskState.SHUTDOWN, "shutdown before start")
+            return
+        self.report(TaskState.STARTING, "starting")
+        try:
+            await self.ctl.start()
+        except (TaskFailed, OSError) as exc:
+            self.report(TaskState.FAILED, "starting failed", err=str(exc))
+            return
+        exited = asyncio.ensure_future(self.ctl.wait())
+        try:
+            if self.task.ports:
+                addr, port = self.ctl.endpoint
+                await wait_listening(addr, port, 5.0, lambda: not exited.done())
+            if not exited.done():
+                self.report(TaskState.RUNNING, "started")
+            stop = asyncio.ensure_future(self._until(lambda: self.stopping))
+            try:
+                await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+            if not exited.done():
+                await self.ctl.shutdown(self.task.spec.stop_grace_period)
+                await exited
+                self.report(TaskState.SHUTDOWN, "shutdown", exit_code=exited.result())
+                return
+            code = exited.result()
+            if self.stopping:
+                self.report(TaskState.SHUTDOWN, "shutdown", exit_code=code)
+            elif code == 0:
+                self.report(TaskState.COMPLETE, "finished", exit_code=0)
+            else:
+                self.report(TaskState.FAILED, "started", err=f"task: non-zero exit ({code})",
+                            exit_code=code)
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+
+class Agent:
+    """The node's worker: session with the manager, task runners, and the mesh feed."""
+
+    def __init__(self, session: ManagerSession, executor: Executor,
+                 apply_endpoints: Callable[[list[Endpoint]], Awaitable[None]]) -> None:
+        self.session = session
+        self.executor = executor
+        self.apply_endpoints = apply_endpoints
+        self.runners: dict[str, TaskRunner] = {}
+        self._runs: dict[str, asyncio.Task[None]] = {}
+        self._outbox: list[StatusUpdate] = []
+        self._outbox_ready = asyncio.Event()
+        # Tasks whose runner has finished: their final report may not have reached the
+        # manager yet, so a stale assignment must not be mistaken for a lost task.
+        self._finished: set[str] = set()
+        self.period = 1.0
+        self.refused: str = ""
+
+    def report(self, update: StatusUpdate) -> None:
+        self._outbox.append(update)
+        self._outbox_ready.set()
+
+    async def run(self) -> None:
+        """Run until cancelled; on cancel, stop every task this node runs."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._heartbeats())
+                tg.create_task(self._assignments())
+                tg.create_task(self._sender())
+        finally:
+            runs = list(self._runs.values())
+            for r in runs:
+                r.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                self.period = await self.session.heartbeat()
+                self.refused = ""
+            except SessionRefused as exc:
+                self.refused = str(exc)
+                log.error("manager refused this node: %s", exc)
+            except Exception as exc:  # manager down: keep tasks running, keep trying
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.period)
+
+    async def _sender(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            try:
+                await self.session.send_status(batch)
+            except SessionRefused as exc:
+                log.error("status refused: %s", exc)
+            except Exception as exc:
+                log.warning("status report failed, will retry: %s", exc)
+                self._outbox = batch + self._outbox
+                self._outbox_ready.set()
+                await asyncio.sleep(0.5)
+
+    async def _assignments(self) -> None:
+        version = -1
+        while True:
+            try:
+                a = await self.session.assignments(version, timeout=10.0)
+            except Exception as exc:
+                log.warning("assignments poll failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            version = a.version
+            await self.apply(a)
+
+    async def apply(self, a: Assignments) -> None:
+        """Reconcile local task runners and the mesh with a fresh set of assignments."""
+        seen = set()
+        for t in a.tasks:
+            seen.add(t.id)
+            runner = self.runners.get(t.id)
+            if runner is not None:
+                runner.set_task(t)
+            elif t.status.state.terminal or t.id in self._finished:
+                continue
+            elif t.status.state > TaskState.ASSIGNED:
+                # We reported progress on this task before, but no runner has it: this daemon
+                # restarted and its process is gone.
+                if t.desired_state > TaskState.RUNNING:
+                    self.report(StatusUpdate(task_id=t.id, state=TaskState.SHUTDOWN,
+                                             message="shutdown"))
+                else:
+                    self.report(StatusUpdate(task_id=t.id, state=TaskState.FAILED,
+                                             message="task lost",
+                                             err="task lost: the node's daemon restarted"))
+            else:
+                self._start(t)
+        for task_id, runner in list(self.runners.items()):
+            if task_id not in seen:
+                runner.forget()
+        self._finished &= seen
+        await self.apply_endpoints(a.endpoints)
+
+    def _start(self, task: Task) -> None:
+        runner = TaskRunner(task, self.executor.controller(task), self.report)
+        self.runners[task.id] = runner
+
+        async def supervise() -> None:
+            try:
+                await runner.run()
+            finally:
+                self._finished.add(task.id)
+                self.runners.pop(task.id, None)
+                self._runs.pop(task.id, None)
+        self._runs[task.id] = asyncio.create_task(supervise(), name=f"task {task.name}")

@@ -1,0 +1,38 @@
+"""What every command shares: the daemon it talks to and how it prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from corral.cli.render import format_table
+from corral.client import Client
+
+
+class State:
+    """Per-invocation CLI state (the -H/--host choice), with a lazily made client."""
+
+    def __init__(self, host: str | None) -> None:
+        self.host = host
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.host)
+        return self._client
+
+
+def client(ctx: typer.Context) -> Client:
+    state = ctx.find_object(State)
+    return state.client if state is not None else Client()
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    typer.echo(format_table(headers, rows))
+
+
+def echo_json(obj: Any) -> None:
+    import json
+    typer.echo(json.dumps(obj, indent=4))

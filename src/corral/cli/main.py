@@ -1,0 +1,67 @@
+"""`corral`: the command line, shaped like `docker` (one sub-app per noun)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from corral.api.errors import CorralError
+from corral.cli import lab as lab_cli
+from corral.cli import node as node_cli
+from corral.cli import service as service_cli
+from corral.cli import swarm as swarm_cli
+from corral.cli.context import State
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="corral: a Swarm-style orchestrator with a routing mesh.")
+app.add_typer(swarm_cli.app, name="swarm")
+app.add_typer(node_cli.app, name="node")
+app.add_typer(service_cli.app, name="service")
+app.add_typer(lab_cli.app, name="lab")
+
+
+@app.callback()
+def root(ctx: typer.Context,
+         host: Annotated[Optional[str], typer.Option(
+             "-H", "--host", help="Daemon to talk to (HOST[:PORT]); default $CORRAL_HOST")] = None,
+         ) -> None:
+    ctx.obj = State(host)
+
+
+@app.command()
+def daemon(addr: Annotated[str, typer.Option(help="Address for the API and published ports")],
+           data_dir: Annotated[Optional[Path], typer.Option(help="State directory")] = None,
+           hostname: Annotated[Optional[str], typer.Option(help="Node name")] = None,
+           port: Annotated[int, typer.Option(help="API port")] = 2377) -> None:
+    """Run a node's daemon in the foreground."""
+    from corral.daemon.run import run_daemon  # heavy imports only for the daemon
+    data = data_dir or Path.home() / ".corral" / f"daemon-{addr}"
+    raise typer.Exit(run_daemon(addr, data, hostname or socket.gethostname(), port))
+
+
+@app.command()
+def version() -> None:
+    """Show the corral version."""
+    from corral import __version__
+    typer.echo(f"corral {__version__}")
+
+
+def main() -> None:
+    """Console entry point: one-line errors, non-zero exit, never a traceback."""
+    try:
+        app(prog_name="corral")
+    except CorralError as exc:
+        msg = exc.message
+        typer.echo(msg if msg.startswith("Error") else f"Error: {msg}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        # `corral service ls | head`: the reader went away, that is fine.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

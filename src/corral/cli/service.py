@@ -1,0 +1,257 @@
+"""`corral service`: create, ls, ps, inspect, scale, rm, logs."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from corral.api.errors import InvalidArgument
+from corral.api.types import (
+    ContainerSpec,
+    Node,
+    Placement,
+    RestartCondition,
+    RestartPolicy,
+    Service,
+    ServiceMode,
+    ServiceSpec,
+    Task,
+    TaskState,
+)
+from corral.cli.context import client, echo_json, print_table
+from corral.cli.parse import check_port_conflicts, parse_duration, parse_env, parse_label, parse_publish
+from corral.cli.render import (
+    VERIFY_CONVERGED,
+    ProgressDisplay,
+    progress_lines,
+    service_ls_rows,
+    service_ps_rows,
+    to_json_lines,
+    verify_waiting_message,
+)
+from corral.client import Client
+
+app = typer.Typer(no_args_is_help=True, help="Manage swarm services.")
+
+# How long tasks must stay running before the progress display says "converged"
+# (docker waits for the update monitor period, 5 s by default).
+VERIFY_SECONDS = 2
+
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only display IDs")]
+Format = Annotated[Optional[str], typer.Option("--format", help="json: one object per line")]
+Detach = Annotated[bool, typer.Option("-d", "--detach",
+                                      help="Exit immediately instead of waiting for convergence")]
+
+
+def _service(c: Client, ref: str) -> Service:
+    return Service.model_validate(c.get(f"/v1/services/{ref}"))
+
+
+def _tasks(c: Client, service: str | None = None) -> list[Task]:
+    return [Task.model_validate(t) for t in c.get("/v1/tasks", service=service)]
+
+
+def _nodes(c: Client) -> dict[str, Node]:
+    return {n["id"]: Node.model_validate(n) for n in c.get("/v1/nodes")}
+
+
+def converged(service: Service, tasks: list[Task]) -> bool:
+    """Every wanted task runs, and nothing being removed is still running."""
+    mine = [t for t in tasks if t.service_id == service.id]
+    running = [t for t in mine if t.desired_state is TaskState.RUNNING
+               and t.status.state is TaskState.RUNNING and t.spec_version == service.spec_version]
+    leftovers = [t for t in mine if t.desired_state > TaskState.RUNNING and not t.status.state.terminal
+                 and t.node_id]
+    if service.spec.mode is ServiceMode.GLOBAL:
+        wanted = [t for t in mine if t.desired_state is TaskState.RUNNING]
+        return bool(wanted) and len(running) == len(wanted) and not leftovers
+    slots = {t.slot for t in running}
+    return slots >= set(range(1, service.spec.replicas + 1)) and not leftovers
+
+
+def wait_converged(c: Client, service_id: str) -> None:
+    """docker's progress display: redraw until converged and stable, or Ctrl-C."""
+    display = ProgressDisplay()
+    stable_since: float | None = None
+    lines: list[str] = []
+    try:
+        while True:
+            svc = _service(c, service_id)
+            tasks = _tasks(c, service_id)
+            nodes = _nodes(c)
+            verify = None
+            if converged(svc, tasks):
+                stable_since = stable_since or time.monotonic()
+                left = VERIFY_SECONDS - (time.monotonic() - stable_since)
+                if left <= 0:
+                    display.finish(progress_lines(svc, tasks, nodes, verify=VERIFY_CONVERGED))
+                    return
+                verify = verify_waiting_message(VERIFY_SECONDS)
+            else:
+                stable_since = None
+            lines = progress_lines(svc, tasks, nodes, verify=verify)
+            display.update(lines)
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        display.finish(lines)
+        typer.echo("Operation continuing in background.")
+        typer.echo(f"Use `corral service ps {service_id[:12]}` to check progress.")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def create(
+    ctx: typer.Context,
+    image: Annotated[str, typer.Argument(help="IMAGE: a built-in app (whoami) or an executable")],
+    command: Annotated[Optional[list[str]], typer.Argument(help="[COMMAND] [ARG...]")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Service name")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="Number of tasks")] = None,
+    mode: Annotated[str, typer.Option(help="replicated or global")] = "replicated",
+    publish: Annotated[Optional[list[str]], typer.Option(
+        "-p", "--publish", help="Publish a port as a node port (PUBLISHED:TARGET)")] = None,
+    env: Annotated[Optional[list[str]], typer.Option("-e", "--env", help="Set an environment variable")] = None,
+    label: Annotated[Optional[list[str]], typer.Option("-l", "--label", help="Service label")] = None,
+    constraint: Annotated[Optional[list[str]], typer.Option(help="Placement constraint")] = None,
+    replicas_max_per_node: Annotated[int, typer.Option(help="Maximum tasks per node (0 = unlimited)")] = 0,
+    restart_condition: Annotated[str, typer.Option(help="any, on-failure or none")] = "any",
+    restart_delay: Annotated[str, typer.Option(help="Delay between restart attempts")] = "5s",
+    restart_max_attempts: Annotated[int, typer.Option(help="Maximum restarts (0 = unlimited)")] = 0,
+    stop_grace_period: Annotated[str, typer.Option(help="Time to wait before force killing a task")] = "10s",
+    detach: Detach = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Suppress progress output")] = False,
+) -> None:
+    """Create a new service."""
+    if mode not in ("replicated", "global"):
+        raise InvalidArgument(f"invalid mode {mode!r}: expected replicated or global")
+    if replicas is not None and replicas < 0:
+        raise InvalidArgument(f"invalid replicas value {replicas}: must be a non-negative integer")
+    if replicas is not None and mode == "global":
+        raise InvalidArgument("replicas can only be used with replicated mode")
+    if restart_condition not in ("any", "on-failure", "none"):
+        raise InvalidArgument(f"invalid restart condition {restart_condition!r}: "
+                              "expected any, on-failure or none")
+    if restart_max_attempts < 0:
+        raise InvalidArgument("restart max attempts must be 0 (unlimited) or more")
+    if replicas_max_per_node < 0:
+        raise InvalidArgument("replicas max per node must be 0 (unlimited) or more")
+    ports = [parse_publish(p) for p in publish or []]
+    check_port_conflicts(ports)
+    from corral.manager.constraints import parse_constraints
+    parse_constraints(constraint or [])
+    spec = ServiceSpec(
+        name=name or f"{image.split('/')[-1].split(':')[0]}-{int(time.time()) % 100000}",
+        labels=parse_label(label or []),
+        task=ContainerSpec(image=image, args=command or [], env=parse_env(env or []),
+                           stop_grace_period=parse_duration(stop_grace_period)),
+        mode=ServiceMode(mode),
+        replicas=1 if replicas is None else replicas,
+        restart_policy=RestartPolicy(condition=RestartCondition(restart_condition),
+                                     delay=parse_duration(restart_delay),
+                                     max_attempts=restart_max_attempts),
+        placement=Placement(constraints=constraint or [], max_replicas=replicas_max_per_node),
+        ports=ports,
+    )
+    c = client(ctx)
+    svc = Service.model_validate(c.post("/v1/services", spec.model_dump(mode="json")))
+    typer.echo(svc.id)
+    if not detach and not quiet:
+        wait_converged(c, svc.id)
+
+
+@app.command("ls")
+def ls(ctx: typer.Context, quiet: Quiet = False, format: Format = None) -> None:
+    """List services."""
+    c = client(ctx)
+    services = sorted((Service.model_validate(s) for s in c.get("/v1/services")),
+                      key=lambda s: s.spec.name)
+    if quiet:
+        for s in services:
+            typer.echo(s.id)
+        return
+    if format == "json":
+        typer.echo(to_json_lines(services))
+        return
+    tasks = _tasks(c)
+    nodes = _nodes(c)
+    running: dict[str, int] = {}
+    desired: dict[str, int] = {}
+    for s in services:
+        mine = [t for t in tasks if t.service_id == s.id]
+        running[s.id] = sum(1 for t in mine if t.status.state is TaskState.RUNNING
+                            and t.desired_state is TaskState.RUNNING
+                            and nodes.get(t.node_id) is not None
+                            and nodes[t.node_id].status.state.value == "ready")
+        desired[s.id] = (s.spec.replicas if s.spec.mode is ServiceMode.REPLICATED
+                         else sum(1 for t in mine if t.desired_state is TaskState.RUNNING))
+    print_table(*service_ls_rows(services, running, desired))
+
+
+@app.command()
+def ps(ctx: typer.Context, services: Annotated[list[str], typer.Argument(help="SERVICE...")],
+       quiet: Quiet = False, format: Format = None,
+       no_trunc: Annotated[bool, typer.Option("--no-trunc", help="Do not truncate output")] = False) -> None:
+    """List the tasks of one or more services."""
+    c = client(ctx)
+    tasks: list[Task] = []
+    for ref in services:
+        tasks += _tasks(c, ref)
+    if quiet:
+        for t in tasks:
+            typer.echo(t.id)
+    elif format == "json":
+        typer.echo(to_json_lines(tasks))
+    else:
+        print_table(*service_ps_rows(tasks, _nodes(c), time.time(), no_trunc=no_trunc))
+
+
+@app.command()
+def inspect(ctx: typer.Context, services: Annotated[list[str], typer.Argument(help="SERVICE...")]) -> None:
+    """Display detailed information on one or more services."""
+    c = client(ctx)
+    echo_json([c.get(f"/v1/services/{s}") for s in services])
+
+
+@app.command()
+def scale(ctx: typer.Context,
+          pairs: Annotated[list[str], typer.Argument(help="SERVICE=REPLICAS...")],
+          detach: Detach = False) -> None:
+    """Scale one or more replicated services."""
+    c = client(ctx)
+    todo = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InvalidArgument(f"invalid scale specifier '{pair}': expected SERVICE=REPLICAS")
+        try:
+            n = int(value)
+        except ValueError:
+            raise InvalidArgument(f"invalid replicas value for {name}: {value}") from None
+        todo.append((name, n))
+    for name, n in todo:
+        svc = Service.model_validate(c.post(f"/v1/services/{name}/scale", {"replicas": n}))
+        typer.echo(f"{name} scaled to {n}")
+        if not detach:
+            wait_converged(c, svc.id)
+
+
+@app.command("rm")
+def rm(ctx: typer.Context, services: Annotated[list[str], typer.Argument(help="SERVICE...")]) -> None:
+    """Remove one or more services."""
+    c = client(ctx)
+    for s in services:
+        c.delete(f"/v1/services/{s}")
+        typer.echo(s)
+
+
+@app.command()
+def logs(ctx: typer.Context, service: Annotated[str, typer.Argument(help="SERVICE")],
+         tail: Annotated[Optional[int], typer.Option("-n", "--tail", help="Lines from the end of each task's logs")] = None,
+         raw: Annotated[bool, typer.Option("--raw", help="Do not prefix lines with the task")] = False) -> None:
+    """Fetch the logs of a service's tasks."""
+    c = client(ctx)
+    for ln in c.get(f"/v1/services/{service}/logs", tail=tail):
+        if raw:
+            typer.echo(ln["line"])
+        else:
+            typer.echo(f"{ln['task_name']}.{ln['task_id'][:12]}@{ln['node']}    | {ln['line']}")

@@ -1,0 +1,236 @@
+"""The node's HTTP API (JSON; OpenAPI at /openapi.json): local node calls, the manager's
+control API, and the dispatcher endpoints agents use."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import Field
+
+from corral import __version__
+from corral.api.errors import CorralError, Forbidden, NotFound
+from corral.api.types import Model, Node, NodeRole, Service, ServiceSpec, Task
+from corral.daemon.daemon import Daemon, Info
+from corral.manager.controlapi import JoinRequest, JoinResponse, NodeUpdate
+from corral.manager.dispatcher import Assignments, StatusUpdate
+from corral.manager.manager import Manager
+
+
+class InitRequest(Model):
+    advertise_addr: str | None = None
+    heartbeat_period: float = Field(default=1.0, gt=0, le=600)
+
+
+class InitResponse(Model):
+    node_id: str
+    worker_token: str
+    manager_addr: str
+
+
+class JoinSwarmRequest(Model):
+    token: str
+    remote_addr: str
+
+
+class JoinSwarmResponse(Model):
+    role: NodeRole
+
+
+class LeaveRequest(Model):
+    force: bool = False
+
+
+class TokenResponse(Model):
+    token: str
+    manager_addr: str
+
+
+class ScaleRequest(Model):
+    replicas: int
+
+
+class Heartbeat(Model):
+    period: float
+
+
+class LogLine(Model):
+    task_id: str
+    task_name: str
+    node: str
+    stream: str
+    line: str
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return "malformed JSON in request body"
+    loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+    return f"invalid request: {loc}: {e.get('msg', 'invalid')}" if loc else f"invalid request: {e.get('msg')}"
+
+
+def _daemon(request: Request) -> Daemon:
+    d: Daemon = request.app.state.daemon
+    return d
+
+
+def _manager(request: Request) -> Manager:
+    return _daemon(request).require_manager()
+
+
+Mgr = Annotated[Manager, Depends(_manager)]
+
+
+def _agent_node(mgr: Mgr, authorization: Annotated[str, Header()] = "") -> Node:
+    """The node an agent request authenticates as (bearer NODE_ID:SECRET)."""
+    scheme, _, cred = authorization.partition(" ")
+    node_id, _, secret = cred.partition(":")
+    if scheme != "Bearer" or not node_id:
+        raise Forbidden("missing node credential")
+    return mgr.dispatcher.authenticate(node_id, secret)
+
+
+AgentNode = Annotated[Node, Depends(_agent_node)]
+
+
+def make_app(daemon: Daemon) -> FastAPI:
+    """Build the API around one daemon."""
+    app = FastAPI(title="corral", version=__version__,
+                  description="A Swarm-style orchestrator with a routing mesh")
+
+    @app.exception_handler(CorralError)
+    async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
+        return JSONResponse({"message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"message": _validation_message(exc)}, status_code=400)
+
+    app.state.daemon = daemon
+
+    # -- this node ------------------------------------------------------------------------
+    @app.get("/v1/info")
+    async def info() -> Info:
+        return daemon.info()
+
+    @app.post("/v1/swarm/init")
+    async def swarm_init(req: InitRequest) -> InitResponse:
+        node_id, token = await daemon.init_swarm(req.advertise_addr, req.heartbeat_period)
+        assert daemon.identity is not None
+        return InitResponse(node_id=node_id, worker_token=token,
+                            manager_addr=daemon.identity.manager_addr)
+
+    @app.post("/v1/swarm/join")
+    async def swarm_join(req: JoinSwarmRequest) -> JoinSwarmResponse:
+        return JoinSwarmResponse(role=await daemon.join_swarm(req.token, req.remote_addr))
+
+    @app.post("/v1/swarm/leave")
+    async def swarm_leave(req: LeaveRequest) -> dict[str, str]:
+        await daemon.leave_swarm(req.force)
+        return {}
+
+    @app.get("/v1/local/tasks/{task_id}/logs")
+    async def local_logs(task_id: str, tail: int | None = None) -> list[tuple[str, str]]:
+        lines = daemon.executor.logs(task_id, tail) if daemon.executor else None
+        if lines is None:
+            raise NotFound(f"no logs for task {task_id} on this node")
+        return lines
+
+    # -- the swarm (manager only) ---------------------------------------------------------------
+    @app.post("/v1/swarm/nodes")
+    async def admit_node(req: JoinRequest, mgr: Mgr) -> JoinResponse:
+        return mgr.control.join(req)
+
+    @app.get("/v1/swarm/join-token/{role}")
+    async def join_token(role: NodeRole, mgr: Mgr, rotate: bool = False) -> TokenResponse:
+        assert daemon.identity is not None
+        return TokenResponse(token=mgr.control.join_token(role, rotate),
+                             manager_addr=daemon.identity.manager_addr)
+
+    @app.get("/v1/nodes")
+    async def nodes(mgr: Mgr) -> list[Node]:
+        return mgr.control.nodes()
+
+    @app.get("/v1/nodes/{ref}")
+    async def node(ref: str, mgr: Mgr) -> Node:
+        return mgr.control.node(ref)
+
+    @app.post("/v1/nodes/{ref}/update")
+    async def update_node(ref: str, upd: NodeUpdate, mgr: Mgr) -> Node:
+        return mgr.control.update_node(ref, upd)
+
+    @app.delete("/v1/nodes/{ref}")
+    async def remove_node(ref: str, mgr: Mgr, force: bool = False) -> dict[str, str]:
+        mgr.control.remove_node(ref, force)
+        return {}
+
+    @app.get("/v1/services")
+    async def services(mgr: Mgr) -> list[Service]:
+        return mgr.control.services()
+
+    @app.post("/v1/services")
+    async def create_service(spec: ServiceSpec, mgr: Mgr) -> Service:
+        return mgr.control.create_service(spec)
+
+    @app.get("/v1/services/{ref}")
+    async def service(ref: str, mgr: Mgr) -> Service:
+        return mgr.control.service(ref)
+
+    @app.post("/v1/services/{ref}/scale")
+    async def scale(ref: str, req: ScaleRequest, mgr: Mgr) -> Service:
+        return mgr.control.scale(ref, req.replicas)
+
+    @app.delete("/v1/services/{ref}")
+    async def remove_service(ref: str, mgr: Mgr) -> Service:
+        return mgr.control.remove_service(ref)
+
+    @app.get("/v1/tasks")
+    async def tasks(mgr: Mgr, service: str | None = None, node: str | None = None) -> list[Task]:
+        return mgr.control.tasks(service, node)
+
+    @app.get("/v1/services/{ref}/logs")
+    async def service_logs(ref: str, mgr: Mgr, tail: int | None = None) -> list[LogLine]:
+        tasks = sorted(mgr.control.tasks(ref), key=lambda t: (t.slot, t.node_id, t.created_at))
+        nodes = {n.id: n for n in mgr.control.nodes()}
+
+        async def fetch(client: httpx.AsyncClient, t: Task) -> list[LogLine]:
+            node = nodes.get(t.node_id)
+            if node is None:
+                return []
+            try:
+                r = await client.get(f"http://{node.description.addr}:{daemon.api_port}"
+                                     f"/v1/local/tasks/{t.id}/logs", params={"tail": tail} if tail else {})
+            except httpx.HTTPError:
+                return []  # a node that is down cannot show its logs; docker skips it too
+            if r.status_code != 200:
+                return []
+            return [LogLine(task_id=t.id, task_name=t.name, node=node.hostname, stream=s, line=ln)
+                    for s, ln in r.json()]
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            parts = await asyncio.gather(*(fetch(client, t) for t in tasks))
+        return [line for part in parts for line in part]
+
+    # -- dispatcher (agents) ----------------------------------------------------------------
+    @app.post("/v1/dispatcher/heartbeat")
+    async def heartbeat(node: AgentNode, mgr: Mgr) -> Heartbeat:
+        return Heartbeat(period=mgr.dispatcher.heartbeat(node))
+
+    @app.post("/v1/dispatcher/status")
+    async def status(updates: list[StatusUpdate], node: AgentNode, mgr: Mgr) -> dict[str, str]:
+        mgr.dispatcher.update_status(node, updates)
+        return {}
+
+    @app.get("/v1/dispatcher/assignments")
+    async def assignments(node: AgentNode, mgr: Mgr, since: int = -1,
+                          timeout: Annotated[float, Query(ge=0, le=60)] = 10.0) -> Assignments:
+        return await mgr.dispatcher.wait_assignments(node, since, timeout)
+
+    return app

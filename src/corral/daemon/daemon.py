@@ -1,0 +1,208 @@
+"""Daemon: one per node. Serves the node's API, runs the agent and the ingress mesh, and —
+after `swarm init` — the manager."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import httpx
+
+from corral import __version__
+from corral.agent.exec import TaskEnv
+from corral.agent.runtimes.process import ProcessExecutor
+from corral.agent.session import ManagerSession
+from corral.agent.worker import Agent
+from corral.api.errors import CorralError, InvalidArgument, NotInSwarm, NotManager
+from corral.api.types import Model, NodeRole
+from corral.daemon.state import NodeIdentity, forget_identity, load_identity, save_identity
+from corral.dataplane.feed import endpoints_to_mesh
+from corral.dataplane.ingress import IngressMesh
+from corral.manager.controlapi import JoinRequest, JoinResponse
+from corral.manager.dispatcher import Endpoint
+from corral.manager.manager import Manager
+
+log = logging.getLogger(__name__)
+
+API_PORT = 2377
+
+
+class SwarmInfo(Model):
+    """This node's view of its swarm membership."""
+
+    state: str  # inactive | active
+    node_id: str = ""
+    role: str = ""
+    manager_addr: str = ""
+    is_manager: bool = False
+
+
+class Info(Model):
+    """`GET /v1/info`: who this daemon is."""
+
+    hostname: str
+    addr: str
+    version: str
+    os: str
+    arch: str
+    swarm: SwarmInfo
+    mesh_errors: dict[str, str] = {}
+
+
+class Daemon:
+    """Everything one node runs, wired together."""
+
+    def __init__(self, addr: str, data_dir: Path, hostname: str, api_port: int = API_PORT) -> None:
+        self.addr = addr
+        self.data_dir = data_dir
+        self.hostname = hostname
+        self.api_port = api_port
+        self.mesh = IngressMesh(addr)
+        self.mesh_errors: dict[str, str] = {}
+        self.identity: NodeIdentity | None = None
+        self.manager: Manager | None = None
+        self.agent: Agent | None = None
+        self.executor: ProcessExecutor | None = None
+        self._agent_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def api_addr(self) -> str:
+        return f"{self.addr}:{self.api_port}"
+
+    # -- life cycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Clean up after a crash, then resume the swarm membership saved on disk."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        killed = ProcessExecutor(self.data_dir, TaskEnv(self.hostname, "", self.addr)).cleanup_orphans()
+        if killed:
+            log.warning("killed %d task processes left by a previous run", len(killed))
+        self.identity = load_identity(self.data_dir)
+        if self.identity is not None:
+            if self.identity.role is NodeRole.MANAGER:
+                self.manager = Manager.open(self.data_dir)
+                self.manager.start()
+            self._start_agent(self.identity)
+
+    async def stop(self) -> None:
+        await self._stop_agent()
+        if self.manager is not None:
+            await self.manager.stop()
+            self.manager = None
+        await self.mesh.close()
+
+    def _start_agent(self, ident: NodeIdentity) -> None:
+        self.executor = ProcessExecutor(self.data_dir, TaskEnv(self.hostname, ident.node_id, self.addr))
+        session = ManagerSession(ident.manager_addr, ident.node_id, ident.secret)
+        self.agent = Agent(session, self.executor, self._apply_endpoints)
+        self._agent_task = asyncio.create_task(self.agent.run(), name="agent")
+
+    async def _stop_agent(self) -> None:
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            try:
+                await self._agent_task
+            except asyncio.CancelledError:
+                pass
+            self._agent_task = None
+        if self.agent is not None:
+            await self.agent.session.close()
+            self.agent = None
+        await self.mesh.apply({})
+
+    async def _apply_endpoints(self, endpoints: list[Endpoint]) -> None:
+        errors = await self.mesh.apply(endpoints_to_mesh(endpoints))
+        self.mesh_errors = {f"{p.port}/{p.protocol}": e for p, e in errors.items()}
+        for port, err in self.mesh_errors.items():
+            log.error("cannot publish %s on %s: %s", port, self.addr, err)
+
+    # -- what the API needs --------------------------------------------------------------
+    def info(self) -> Info:
+        ident = self.identity
+        swarm = SwarmInfo(state="inactive")
+        if ident is not None:
+            swarm = SwarmInfo(state="active", node_id=ident.node_id, role=ident.role.value,
+                              manager_addr=ident.manager_addr, is_manager=self.manager is not None)
+        return Info(hostname=self.hostname, addr=self.addr, version=__version__,
+                    os=platform.system().lower(), arch=platform.machine(), swarm=swarm,
+                    mesh_errors=self.mesh_errors)
+
+    def require_manager(self) -> Manager:
+        if self.manager is None:
+            raise NotManager() if self.identity is not None else NotInSwarm()
+        return self.manager
+
+    async def init_swarm(self, advertise_addr: str | None, heartbeat_period: float) -> tuple[str, str]:
+        """Become the manager of a new swarm; returns (node id, worker join token)."""
+        async with self._lock:
+            if self.identity is not None:
+                raise InvalidArgument("This node is already part of a swarm. Use \"corral swarm "
+                                      "leave\" to leave this swarm and join another one.")
+            adv = advertise_addr or self.api_addr
+            if ":" not in adv:
+                adv = f"{adv}:{self.api_port}"
+            manager = Manager.open(self.data_dir)
+            try:
+                resp = manager.control.init_cluster(hostname=self.hostname, addr=self.addr,
+                                                    heartbeat_period=heartbeat_period,
+                                                    engine_version=__version__)
+            except CorralError:
+                manager.store.close()
+                raise
+            manager.start()
+            self.manager = manager
+            self.identity = NodeIdentity(node_id=resp.node_id, secret=resp.secret,
+                                         role=NodeRole.MANAGER, manager_addr=adv)
+            save_identity(self.data_dir, self.identity)
+            self._start_agent(self.identity)
+            return resp.node_id, manager.control.join_token(NodeRole.WORKER, rotate=False)
+
+    async def join_swarm(self, token: str, remote: str) -> NodeRole:
+        """Join the swarm whose manager listens at `remote` (HOST[:PORT])."""
+        async with self._lock:
+            if self.identity is not None:
+                raise InvalidArgument("This node is already part of a swarm. Use \"corral swarm "
+                                      "leave\" to leave this swarm and join another one.")
+            if ":" not in remote:
+                remote = f"{remote}:{API_PORT}"
+            req = JoinRequest(token=token, hostname=self.hostname, addr=self.addr,
+                              engine_version=__version__)
+            try:
+                async with httpx.AsyncClient(timeout=10.0) as client:
+                    r = await client.post(f"http://{remote}/v1/swarm/nodes",
+                                          json=req.model_dump(mode="json"))
+            except httpx.HTTPError as exc:
+                raise InvalidArgument(f"cannot reach the manager at {remote}: {exc}") from None
+            if r.status_code != 200:
+                try:
+                    msg = r.json().get("message", r.text)
+                except ValueError:
+                    msg = r.text
+                raise InvalidArgument(msg)
+            resp = JoinResponse.model_validate_json(r.content)
+            self.identity = NodeIdentity(node_id=resp.node_id, secret=resp.secret, role=resp.role,
+                                         manager_addr=remote)
+            save_identity(self.data_dir, self.identity)
+            self._start_agent(self.identity)
+            return resp.role
+
+    async def leave_swarm(self, force: bool) -> None:
+        """Stop taking part in the swarm: tasks stop, ports close, identity is forgotten."""
+        async with self._lock:
+            if self.identity is None:
+                raise InvalidArgument("This node is not part of a swarm")
+            if self.manager is not None and not force:
+                raise InvalidArgument(
+                    "You are attempting to leave the swarm on a node that is participating as a "
+                    "manager. Removing the last manager erases all current state of the swarm. "
+                    "Use `--force` to ignore this message.")
+            await self._stop_agent()
+            if self.manager is not None:
+                await self.manager.stop()
+                self.manager = None
+                shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
+            forget_identity(self.data_dir)
+            self.identity = None

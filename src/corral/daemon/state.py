@@ -1,0 +1,43 @@
+"""The node's own identity on disk: which swarm it belongs to and how to reach the manager."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from corral.api.types import Model, NodeRole
+
+
+class NodeIdentity(Model):
+    """What a daemon needs to rejoin its swarm after a restart."""
+
+    node_id: str
+    secret: str
+    role: NodeRole
+    manager_addr: str
+
+
+def identity_path(data_dir: Path) -> Path:
+    return data_dir / "node.json"
+
+
+def load_identity(data_dir: Path) -> NodeIdentity | None:
+    p = identity_path(data_dir)
+    if not p.exists():
+        return None
+    return NodeIdentity.model_validate_json(p.read_text())
+
+
+def save_identity(data_dir: Path, ident: NodeIdentity) -> None:
+    p = identity_path(data_dir)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    # The secret is the node's credential: readable by its owner only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(ident.model_dump_json())
+    tmp.replace(p)
+
+
+def forget_identity(data_dir: Path) -> None:
+    identity_path(data_dir).unlink(missing_ok=True)

@@ -1,0 +1,143 @@
+"""The per-node ingress routing mesh.
+
+How this works: every node listens on every published port and forwards each
+accepted TCP connection to a running task anywhere in the cluster. The daemon
+owns the desired state and pushes it with :meth:`IngressMesh.apply` (a map of
+published port -> backends); the data plane never reads a store. ``apply``
+reconciles listeners against that map: it opens listeners for new ports,
+closes listeners of removed ports (the port is free when ``apply`` returns),
+and atomically swaps the backend tuple of existing ports. Per-connection work
+(round-robin choice, upstream connect with retries, the bidirectional copy)
+lives in :mod:`corral.dataplane.proxy`.
+
+Listeners are keyed by :class:`PublishedPort` (port + protocol) so a UDP
+listener can be added beside the TCP one later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from corral.dataplane.proxy import (
+    Backend,
+    ClientSide,
+    PortStats,
+    PublishedPort,
+    Route,
+    bind_error_message,
+)
+
+__all__ = ["Backend", "IngressMesh", "PortStats", "PublishedPort"]
+
+# Generous accept backlog: the mesh fronts whole services, and bursts of new
+# connections should queue in the kernel rather than be refused.
+_BACKLOG = 1024
+
+
+class _TcpListener:
+    """A bound TCP listener and the route its connections follow."""
+
+    __slots__ = ("server", "route")
+
+    def __init__(self, server: asyncio.AbstractServer, route: Route) -> None:
+        """Pair a started server with its route."""
+        self.server = server
+        self.route = route
+
+    def close(self) -> None:
+        """Stop accepting and release the port; established connections live on."""
+        # No new connections, and no retries of in-flight connects either.
+        self.route.set_backends(())
+        # Server.close() closes the listening sockets synchronously (the port
+        # is released now). We deliberately do not await wait_closed(): on
+        # Python >= 3.12 and uvloop it waits for every accepted connection.
+        self.server.close()
+
+
+class IngressMesh:
+    """The node's userspace routing mesh."""
+
+    def __init__(self, listen_addr: str, *, connect_timeout: float = 2.0) -> None:
+        """Configure the mesh; nothing is bound until :meth:`apply`."""
+        self._listen_addr = listen_addr
+        self._connect_timeout = connect_timeout
+        self._listeners: dict[PublishedPort, _TcpListener] = {}
+        # Stats outlive listeners so counters stay monotonic if a port is
+        # removed and re-added (and so draining connections can still count).
+        self._stats: dict[PublishedPort, PortStats] = {}
+        # Every open client connection, across all ports, for close().
+        self._conns: set[ClientSide] = set()
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def apply(
+        self, endpoints: Mapping[PublishedPort, Sequence[Backend]]
+    ) -> dict[PublishedPort, str]:
+        """Make listeners match ``endpoints`` exactly; return bind errors per port."""
+        async with self._lock:  # concurrent applies must not interleave
+            if self._closed:
+                raise RuntimeError("IngressMesh is closed")
+            for pp in [pp for pp in self._listeners if pp not in endpoints]:
+                self._listeners.pop(pp).close()
+
+            errors: dict[PublishedPort, str] = {}
+            for pp, backends in endpoints.items():
+                listener = self._listeners.get(pp)
+                if listener is not None:
+                    listener.route.set_backends(backends)
+                    continue
+                # Ports that failed to bind last time land here again: retry.
+                err = await self._open(pp, backends)
+                if err is not None:
+                    errors[pp] = err
+            return errors
+
+    async def _open(self, pp: PublishedPort, backends: Sequence[Backend]) -> str | None:
+        """Bind a listener for ``pp``; return an error message instead of raising."""
+        if pp.protocol != "tcp":
+            return f"unsupported protocol {pp.protocol!r}"
+        stats = self._stats.setdefault(pp, PortStats())
+        route = Route(stats, self._conns, self._connect_timeout)
+        # Backends are set before the first accept can happen.
+        route.set_backends(backends)
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                route.make_client,
+                host=self._listen_addr,
+                port=pp.port,
+                reuse_address=True,
+                backlog=_BACKLOG,
+            )
+        except OSError as exc:
+            return bind_error_message(exc)
+        self._listeners[pp] = _TcpListener(server, route)
+        return None
+
+    def listening(self) -> set[PublishedPort]:
+        """Published ports that currently have a bound listener."""
+        return set(self._listeners)
+
+    def stats(self, port: PublishedPort | int) -> PortStats:
+        """A snapshot of the counters of ``port``; KeyError if it was never applied."""
+        pp = PublishedPort(port) if isinstance(port, int) else port
+        return dataclasses.replace(self._stats[pp])
+
+    async def close(self) -> None:
+        """Close every listener and every proxied connection."""
+        async with self._lock:
+            self._closed = True
+            for listener in self._listeners.values():
+                listener.close()
+            self._listeners.clear()
+            conns = list(self._conns)
+            tasks = [c.task for c in conns if c.task is not None]
+            for conn in conns:
+                conn.abort()
+            # Wait for cancelled connect tasks, then give connection_lost
+            # callbacks a loop turn, so nothing is left pending when the
+            # caller closes the event loop.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)

@@ -1,0 +1,364 @@
+"""TCP forwarding for the routing mesh, built on asyncio Protocols.
+
+How this works: a listener accepts a client connection and creates a
+:class:`ClientSide` protocol. It pauses reading at once (so client bytes stay
+in the kernel, not in our memory; uvloop ignores that first pause, so at most
+one early read is held) and starts a small task that connects to a backend
+chosen by the :class:`Route` (round-robin over the current list, each backend
+tried at most once, each attempt bounded by a timeout). When the upstream
+connects, an :class:`UpstreamSide` protocol is wired to the client side, any
+early bytes/EOF are forwarded, and the client is resumed. From then on no coroutine is
+involved: each side's ``data_received`` writes straight into the other side's
+transport, ``pause_writing``/``resume_writing`` on one side pause/resume
+reading on the other (back-pressure without our own buffers), and
+``eof_received`` forwards a half-close with ``write_eof``. The pair is closed
+when both directions have seen EOF, or when either transport is lost.
+
+Works unchanged on the stock asyncio loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, cast
+
+__all__ = [
+    "Backend",
+    "ClientSide",
+    "PortStats",
+    "PublishedPort",
+    "Route",
+    "UpstreamSide",
+]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One upstream task endpoint that connections may be forwarded to."""
+
+    addr: str
+    port: int
+    task_id: str = ""
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """A port published on every node of the swarm."""
+
+    port: int
+    # Only "tcp" for now; the mesh keys listeners on (port, protocol) so a
+    # UDP listener can be added later without changing this type's users.
+    protocol: Literal["tcp"] = "tcp"
+
+
+@dataclass(slots=True)
+class PortStats:
+    """Connection counters for one published port (cheap enough to update inline)."""
+
+    active: int = 0  # client connections currently open
+    total: int = 0  # client connections accepted
+    failed_connects: int = 0  # upstream connect attempts that failed
+    rejected: int = 0  # clients closed because no backend could be reached
+
+
+class Route:
+    """The live backend list of one published port, with round-robin state."""
+
+    __slots__ = ("backends", "connect_timeout", "stats", "registry", "_rr")
+
+    def __init__(
+        self,
+        stats: PortStats,
+        registry: set[ClientSide],
+        connect_timeout: float,
+    ) -> None:
+        """Create an empty route; ``registry`` tracks open connections for shutdown."""
+        # A tuple, replaced wholesale by set_backends(): readers never see a
+        # half-updated list, and no lock is needed on a single-threaded loop.
+        self.backends: tuple[Backend, ...] = ()
+        self.connect_timeout = connect_timeout
+        self.stats = stats
+        self.registry = registry
+        self._rr = 0
+
+    def set_backends(self, backends: Sequence[Backend]) -> None:
+        """Atomically replace the backend list (new connections only)."""
+        self.backends = tuple(backends)
+
+    def pick(self, tried: Sequence[Backend]) -> Backend | None:
+        """Return the next backend round-robin that is not in ``tried``, or None."""
+        # Always consult the *current* list, so a backend removed by apply()
+        # is never chosen again, even for a retry of an in-flight connection.
+        backends = self.backends
+        n = len(backends)
+        for _ in range(n):
+            b = backends[self._rr % n]
+            self._rr += 1
+            if b not in tried:
+                return b
+        return None
+
+    def make_client(self) -> ClientSide:
+        """Protocol factory for the listener."""
+        return ClientSide(self)
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Disable Nagle so small request/response traffic is not delayed."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # pragma: no cover - e.g. socket already reset
+        pass
+
+
+def _write_eof(transport: asyncio.Transport) -> None:
+    """Half-close ``transport`` if it is still usable."""
+    if transport.is_closing():
+        return
+    try:
+        transport.write_eof()
+    except (OSError, RuntimeError):  # pragma: no cover - raced with a close
+        pass
+
+
+class _Side(asyncio.Protocol):
+    """One endpoint of a proxied TCP connection; forwards everything to its peer."""
+
+    __slots__ = ("transport", "peer", "out", "eof", "lost", "blocked")
+
+    def __init__(self) -> None:
+        """Start unconnected."""
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        # The peer's transport, cached so the hot path is one attribute load.
+        self.out: asyncio.Transport | None = None
+        self.eof = False  # this side sent us EOF: no more data from it
+        self.lost = False  # this side's transport is gone
+        self.blocked = False  # our send buffer is above the high-water mark
+
+    def data_received(self, data: bytes) -> None:
+        """Forward bytes as-is; the peer's transport buffers and signals pressure."""
+        out = self.out
+        if out is None:
+            self._hold(data)
+            return
+        try:
+            out.write(data)
+        except RuntimeError:
+            # uvloop raises when the peer's handle is already closed but its
+            # connection_lost() has not run yet; it will close us next.
+            pass
+
+    def _hold(self, data: bytes) -> None:
+        """Handle data that arrives before the pair is wired (dropped by default)."""
+
+    def eof_received(self) -> bool:
+        """Forward the half-close and keep the other direction flowing."""
+        if self.eof:
+            # uvloop re-reports EOF if reading is resumed after it; ignore.
+            return True
+        self.eof = True
+        peer, out = self.peer, self.out
+        if peer is None or out is None:
+            # Client side still connecting upstream: forwarded once wired.
+            return True
+        if peer.lost:
+            return False
+        if peer.eof:
+            # Both directions are done: close both (close() flushes buffers).
+            out.close()
+            return False
+        _write_eof(out)
+        # True keeps our transport open so we can still write the peer's data.
+        return True
+
+    def pause_writing(self) -> None:
+        """Our send buffer is full: stop reading from the peer."""
+        self.blocked = True
+        self._set_peer_reading(False)
+
+    def resume_writing(self) -> None:
+        """Our send buffer drained: read from the peer again."""
+        self.blocked = False
+        self._set_peer_reading(True)
+
+    def _set_peer_reading(self, on: bool) -> None:
+        """Pause/resume the peer's reads, unless it already sent EOF."""
+        peer, out = self.peer, self.out
+        # After EOF a transport has dropped its reader; resuming it would make
+        # the loop re-read the EOF (both asyncio and uvloop do).
+        if peer is None or out is None or peer.lost or peer.eof:
+            return
+        if on:
+            out.resume_reading()
+        else:
+            out.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Tear down the peer: gracefully on a clean close, abortively on error."""
+        self.lost = True
+        peer, out = self.peer, self.out
+        if peer is not None and out is not None and not peer.lost:
+            if exc is None:
+                out.close()
+            else:
+                out.abort()
+
+
+class UpstreamSide(_Side):
+    """The backend end of a proxied connection."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: ClientSide) -> None:
+        """Remember which client this upstream connection serves."""
+        super().__init__()
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Wire both sides together as soon as the upstream socket exists."""
+        # cast, not isinstance: uvloop's transports do not subclass asyncio's.
+        transport = cast(asyncio.Transport, transport)
+        _set_nodelay(transport)
+        self.transport = transport
+        client = self.client
+        if client.lost or client.transport is None:
+            # The client went away while we were connecting.
+            transport.abort()
+            return
+        # Wire here, not after create_connection() returns: the backend may
+        # send data before the connecting task gets to run again.
+        self.peer, self.out = client, client.transport
+        client.peer, client.out = self, transport
+        early = client.early
+        if early is not None:
+            client.early = None
+            transport.write(early)
+        if client.eof:
+            transport.write_eof()
+
+
+class ClientSide(_Side):
+    """The accepted (client) end of a proxied connection."""
+
+    __slots__ = ("route", "task", "early")
+
+    def __init__(self, route: Route) -> None:
+        """Bind to the route of the published port that accepted us."""
+        super().__init__()
+        self.route = route
+        self.task: asyncio.Task[None] | None = None
+        # Bytes read before the upstream exists (at most one read, see _hold).
+        self.early: bytes | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Hold the client's bytes in the kernel and start connecting upstream."""
+        transport = cast(asyncio.Transport, transport)
+        _set_nodelay(transport)
+        self.transport = transport
+        # Effective on stock asyncio; uvloop starts reading right after
+        # connection_made() regardless, which _hold() covers.
+        transport.pause_reading()
+        route = self.route
+        route.stats.total += 1
+        route.stats.active += 1
+        route.registry.add(self)
+        if not route.backends:
+            # Nothing to forward to: behave like a refused backend.
+            route.stats.rejected += 1
+            transport.abort()
+            return
+        self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    def _hold(self, data: bytes) -> None:
+        """Keep early bytes for the upstream and stop reading until it exists."""
+        early = self.early
+        self.early = data if early is None else early + data
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    async def _connect(self) -> None:
+        """Try backends round-robin, each at most once, then give up."""
+        route = self.route
+        loop = asyncio.get_running_loop()
+        tried: list[Backend] = []
+        try:
+            while not self.lost:
+                backend = route.pick(tried)
+                if backend is None:
+                    break
+                tried.append(backend)
+                try:
+                    async with asyncio.timeout(route.connect_timeout):
+                        await loop.create_connection(
+                            lambda: UpstreamSide(self), backend.addr, backend.port
+                        )
+                except (OSError, TimeoutError):
+                    route.stats.failed_connects += 1
+                    if self.peer is not None:
+                        # Timed out after the upstream was wired: that socket
+                        # is being closed and takes the client with it.
+                        return
+                    continue
+                peer = self.peer
+                # Start the client -> backend direction, unless the client
+                # already sent EOF or the backend is already back-pressuring.
+                if (
+                    self.transport is not None
+                    and not self.lost
+                    and not self.eof
+                    and peer is not None
+                    and not peer.blocked
+                ):
+                    self.transport.resume_reading()
+                return
+            route.stats.rejected += 1
+            if self.transport is not None and not self.lost:
+                self.transport.abort()
+        finally:
+            self.task = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Update stats, drop from the registry and stop a pending connect."""
+        if self.lost:
+            return
+        super().connection_lost(exc)
+        self.early = None
+        route = self.route
+        route.stats.active -= 1
+        route.registry.discard(self)
+        task = self.task
+        if task is not None:
+            task.cancel()
+
+    def abort(self) -> None:
+        """Drop both ends immediately (used at mesh shutdown)."""
+        task = self.task
+        if task is not None:
+            task.cancel()
+        peer, out = self.peer, self.out
+        if peer is not None and out is not None and not peer.lost:
+            out.abort()
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+
+def bind_error_message(exc: OSError) -> str:
+    """Render a bind failure as a short, loop-independent message."""
+    # uvloop and asyncio word their exceptions differently; errno is stable.
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if exc.errno is not None:
+        try:
+            return os.strerror(exc.errno).lower()
+        except ValueError:  # pragma: no cover - unknown errno
+            pass
+    return str(exc) or type(exc).__name__

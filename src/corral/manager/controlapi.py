@@ -1,0 +1,282 @@
+"""Control API: what users may ask of the cluster — validated, then written to the store.
+
+Nothing here runs tasks; it only records intent (specs, availability, labels) for the
+orchestrator and scheduler to act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+
+from pydantic import Field
+
+from corral.api.errors import Conflict, InvalidArgument, NotFound
+from corral.api.types import (
+    Cluster,
+    Model,
+    Node,
+    NodeAvailability,
+    NodeDescription,
+    NodeRole,
+    NodeSpec,
+    NodeState,
+    NodeStatus,
+    Service,
+    ServiceMode,
+    ServiceSpec,
+    Task,
+    TaskState,
+    new_id,
+)
+from corral.manager.constraints import parse_constraints
+from corral.manager.dispatcher import new_node_secret, secret_digest
+from corral.store.base import ReadTx, Store, WriteTx
+
+TOKEN_PREFIX = "SWMTKN-1"
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _base36(data: bytes, length: int) -> str:
+    n = int.from_bytes(data, "big")
+    out = []
+    for _ in range(length):
+        n, r = divmod(n, 36)
+        out.append(_B36[r])
+    return "".join(reversed(out))
+
+
+def new_join_secret() -> str:
+    return _base36(secrets.token_bytes(16), 25)
+
+
+def new_root_digest() -> str:
+    # Stands in for the digest of the root CA certificate until the TLS issue adds the CA.
+    return _base36(hashlib.sha256(secrets.token_bytes(32)).digest(), 50)
+
+
+def format_token(cluster: Cluster, role: NodeRole) -> str:
+    secret = cluster.manager_secret if role is NodeRole.MANAGER else cluster.worker_secret
+    return f"{TOKEN_PREFIX}-{cluster.root_digest}-{secret}"
+
+
+class JoinRequest(Model):
+    token: str
+    hostname: str = Field(min_length=1, max_length=253)
+    addr: str
+    engine_version: str = ""
+
+
+class JoinResponse(Model):
+    node_id: str
+    secret: str
+    role: NodeRole
+    heartbeat_period: float
+
+
+class NodeUpdate(Model):
+    availability: NodeAvailability | None = None
+    role: NodeRole | None = None
+    label_add: dict[str, str] = Field(default_factory=dict)
+    label_rm: list[str] = Field(default_factory=list)
+
+
+def resolve(objs: list[Node] | list[Service], ref: str, what: str,
+            name_of: object = None) -> Node | Service:
+    """Find by full ID, by name, then by unique ID prefix — docker's lookup order."""
+    def name(o: Node | Service) -> str:
+        return o.description.hostname if isinstance(o, Node) else o.spec.name
+    for o in objs:
+        if o.id == ref:
+            return o
+    named = [o for o in objs if name(o) == ref]
+    if len(named) == 1:
+        return named[0]
+    prefixed = [o for o in objs if ref and o.id.startswith(ref)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if len(prefixed) > 1 or len(named) > 1:
+        raise InvalidArgument(f"{what} {ref} is ambiguous ({len(prefixed) or len(named)} matches found)")
+    raise NotFound(f"{what} {ref} not found")
+
+
+class ControlAPI:
+    """Cluster operations on behalf of users and joining nodes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- swarm ---------------------------------------------------------------------------
+    def init_cluster(self, *, hostname: str, addr: str, heartbeat_period: float,
+                     engine_version: str) -> JoinResponse:
+        """Create the cluster object and the first (manager) node."""
+        if heartbeat_period <= 0:
+            raise InvalidArgument("dispatcher heartbeat period must be positive")
+        secret = new_node_secret()
+        node = Node(id=new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
+                    description=NodeDescription(hostname=hostname, addr=addr,
+                                                engine_version=engine_version),
+                    status=NodeStatus(state=NodeState.READY), secret_digest=secret_digest(secret))
+        cluster = Cluster(root_digest=new_root_digest(), worker_secret=new_join_secret(),
+                          manager_secret=new_join_secret(), heartbeat_period=heartbeat_period)
+
+        def write(tx: WriteTx) -> None:
+            tx.create(cluster)
+            tx.create(node)
+        self.store.update(write)
+        return JoinResponse(node_id=node.id, secret=secret, role=NodeRole.MANAGER,
+                            heartbeat_period=heartbeat_period)
+
+    def cluster(self) -> Cluster:
+        c = self.store.view().cluster()
+        if c is None:
+            raise NotFound("cluster not initialised")
+        return c
+
+    def join_token(self, role: NodeRole, rotate: bool) -> str:
+        if rotate:
+            def write(tx: WriteTx) -> None:
+                c = tx.must_get(Cluster, "default")
+                field = "manager_secret" if role is NodeRole.MANAGER else "worker_secret"
+                tx.update(c.model_copy(update={field: new_join_secret()}))
+            self.store.update(write)
+        return format_token(self.cluster(), role)
+
+    def join(self, req: JoinRequest) -> JoinResponse:
+        """Admit a node that shows a valid join token."""
+        cluster = self.cluster()
+        parts = req.token.split("-")
+        if len(parts) != 4 or "-".join(parts[:2]) != TOKEN_PREFIX:
+            raise InvalidArgument("invalid join token: expected SWMTKN-1-<digest>-<secret>")
+        digest, secret = parts[2], parts[3]
+        if not hmac.compare_digest(digest, cluster.root_digest):
+            raise InvalidArgument("invalid join token: it belongs to another swarm")
+        if hmac.compare_digest(secret, cluster.worker_secret):
+            role = NodeRole.WORKER
+        elif hmac.compare_digest(secret, cluster.manager_secret):
+            raise InvalidArgument("joining as a manager needs a replicated store, which this swarm "
+                                  "does not have yet: join with the worker token")
+        else:
+            raise InvalidArgument("invalid join token: the token was rotated or is wrong")
+        node_secret = new_node_secret()
+
+        def write(tx: WriteTx) -> Node:
+            for n in tx.list(Node):
+                if n.description.addr == req.addr and n.status.state is not NodeState.DOWN:
+                    raise Conflict(f"a node with address {req.addr} is already part of the swarm "
+                                   f"({n.hostname}); remove it first")
+            node = Node(id=new_id(), spec=NodeSpec(role=role),
+                        description=NodeDescription(hostname=req.hostname, addr=req.addr,
+                                                    engine_version=req.engine_version),
+                        status=NodeStatus(state=NodeState.UNKNOWN),
+                        secret_digest=secret_digest(node_secret))
+            return tx.create(node)
+        node = self.store.update(write)
+        return JoinResponse(node_id=node.id, secret=node_secret, role=role,
+                            heartbeat_period=cluster.heartbeat_period)
+
+    # -- nodes ---------------------------------------------------------------------------
+    def nodes(self) -> list[Node]:
+        return self.store.view().list(Node)
+
+    def node(self, ref: str) -> Node:
+        found = resolve(self.nodes(), ref, "node")
+        assert isinstance(found, Node)
+        return found
+
+    def update_node(self, ref: str, upd: NodeUpdate) -> Node:
+        node = self.node(ref)
+        if upd.role is NodeRole.MANAGER and node.spec.role is NodeRole.WORKER:
+            raise InvalidArgument("promoting a node to manager needs a replicated store, which "
+                                  "this swarm does not have yet")
+        if upd.role is NodeRole.WORKER and node.spec.role is NodeRole.MANAGER:
+            raise InvalidArgument("demoting the only manager would leave the swarm without one")
+        labels = {k: v for k, v in node.spec.labels.items() if k not in upd.label_rm}
+        for key in upd.label_rm:
+            if key not in node.spec.labels:
+                raise InvalidArgument(f"key {key} doesn't exist in node's labels")
+        labels.update(upd.label_add)
+        spec = node.spec.model_copy(update={
+            "availability": upd.availability or node.spec.availability, "labels": labels})
+        return self.store.update(lambda tx: tx.update(node.model_copy(update={"spec": spec})))
+
+    def remove_node(self, ref: str, force: bool) -> None:
+        node = self.node(ref)
+        if node.spec.role is NodeRole.MANAGER:
+            raise InvalidArgument(f"rejected removal of node {node.hostname}: it is a manager; "
+                                  "a swarm cannot remove its only manager")
+        if node.status.state is not NodeState.DOWN and not force:
+            raise InvalidArgument(
+                f"node {node.hostname} is not down and can't be removed: "
+                "use --force, or run `corral swarm leave` on it first")
+        self.store.update(lambda tx: tx.delete(Node, node.id))
+
+    # -- services --------------------------------------------------------------------------
+    def services(self) -> list[Service]:
+        return self.store.view().list(Service)
+
+    def service(self, ref: str) -> Service:
+        found = resolve(self.services(), ref, "service")
+        assert isinstance(found, Service)
+        return found
+
+    def _validate(self, spec: ServiceSpec, view: ReadTx, own_id: str = "") -> None:
+        parse_constraints(spec.placement.constraints)
+        if spec.mode is ServiceMode.GLOBAL and spec.replicas not in (0, 1):
+            raise InvalidArgument("replicas can only be used with replicated mode")
+        seen: set[tuple[str, int]] = set()
+        for p in spec.ports:
+            key = (p.protocol, p.published_port)
+            if key in seen:
+                raise InvalidArgument(f"duplicate published port {p.published_port}/{p.protocol}")
+            seen.add(key)
+        for other in view.list(Service):
+            if other.id == own_id:
+                continue
+            if other.spec.name == spec.name:
+                raise Conflict(f"service name {spec.name} is already in use")
+            for p in other.spec.ports:
+                if (p.protocol, p.published_port) in seen:
+                    raise Conflict(f"port '{p.published_port}' is already in use by service "
+                                   f"'{other.spec.name}' ({other.id[:12]}) as an ingress port")
+
+    def create_service(self, spec: ServiceSpec) -> Service:
+        def write(tx: WriteTx) -> Service:
+            self._validate(spec, tx)
+            return tx.create(Service(id=new_id(), spec=spec))
+        return self.store.update(write)
+
+    def scale(self, ref: str, replicas: int) -> Service:
+        if replicas < 0:
+            raise InvalidArgument(f"invalid replicas value {replicas}: must be a non-negative integer")
+        svc = self.service(ref)
+        if svc.spec.mode is not ServiceMode.REPLICATED:
+            raise InvalidArgument(f"{svc.spec.name}: scale can only be used with replicated mode")
+        spec = svc.spec.model_copy(update={"replicas": replicas})
+        return self.store.update(lambda tx: tx.update(
+            svc.model_copy(update={"spec": spec, "updated_at": time.time()})))
+
+    def remove_service(self, ref: str) -> Service:
+        """Delete the service; its tasks are marked REMOVE here and reaped once stopped."""
+        svc = self.service(ref)
+
+        def write(tx: WriteTx) -> None:
+            tx.delete(Service, svc.id)
+            for t in tx.tasks_of_service(svc.id):
+                if t.desired_state < TaskState.REMOVE:
+                    tx.update(t.model_copy(update={"desired_state": TaskState.REMOVE}))
+        self.store.update(write)
+        return svc
+
+    def tasks(self, service_ref: str | None = None, node_ref: str | None = None) -> list[Task]:
+        view = self.store.view()
+        tasks = view.list(Task)
+        if service_ref is not None:
+            sid = self.service(service_ref).id
+            tasks = [t for t in tasks if t.service_id == sid]
+        if node_ref is not None:
+            nid = self.node(node_ref).id
+            tasks = [t for t in tasks if t.node_id == nid]
+        return tasks

@@ -1,0 +1,213 @@
+"""Dispatcher: the manager's side of agent sessions — heartbeats, task status, assignments.
+
+How this works: each agent heartbeats every `period`; a node not heard from for
+`3 × period` is marked DOWN (the orchestrator then replaces its tasks). Agents long-poll
+`assignments(since=version)`: the call returns as soon as anything in the store changed after
+`version` (or after a timeout), with the node's tasks and the cluster's ingress endpoints, so
+a change reaches every agent and every node's mesh within milliseconds, not a heartbeat.
+The manager writes desired state; the agent's reports only ever move observed state forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from pydantic import Field
+
+from corral.api.errors import Forbidden
+from corral.api.types import (
+    Model,
+    Node,
+    NodeState,
+    NodeStatus,
+    PortConfig,
+    Service,
+    Task,
+    TaskState,
+)
+from corral.store.base import Store, WriteTx
+
+log = logging.getLogger(__name__)
+
+DOWN_AFTER_MISSED = 3
+
+
+class StatusUpdate(Model):
+    """An agent's report about one task's observed state."""
+
+    task_id: str
+    state: TaskState
+    message: str = ""
+    err: str = ""
+    exit_code: int | None = None
+    addr: str = ""
+    port: int = 0
+    pid: int = 0
+
+
+class Endpoint(Model):
+    """One published port and the running tasks behind it (what every node's mesh needs)."""
+
+    service_name: str
+    port: PortConfig
+    backends: list[tuple[str, int, str]] = Field(default_factory=list)  # (addr, port, task id)
+
+
+class Assignments(Model):
+    """What an agent should run, and what its mesh should route, as of `version`."""
+
+    version: int
+    node_id: str
+    tasks: list[Task]
+    endpoints: list[Endpoint]
+    heartbeat_period: float
+
+
+def secret_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_node_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass
+class _Session:
+    last_seen: float
+
+
+class Dispatcher:
+    """Keeps agent sessions and turns store state into per-node assignments."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.version = 0
+        self._changed = asyncio.Condition()
+        self._sessions: dict[str, _Session] = {}
+        self._started = time.time()
+
+    @property
+    def period(self) -> float:
+        cluster = self.store.view().cluster()
+        return cluster.heartbeat_period if cluster else 1.0
+
+    # -- authentication ---------------------------------------------------------------
+    def authenticate(self, node_id: str, secret: str) -> Node:
+        """The node behind a session credential, or Forbidden."""
+        node = self.store.view().get(Node, node_id)
+        if node is None or not hmac.compare_digest(node.secret_digest, secret_digest(secret)):
+            raise Forbidden("node credential refused: this node is not (or no longer) part of the swarm")
+        return node
+
+    # -- heartbeats ---------------------------------------------------------------------
+    def heartbeat(self, node: Node) -> float:
+        """Record that `node` is alive; mark it READY if it was not. Returns the period."""
+        self._sessions[node.id] = _Session(time.time())
+        if node.status.state is not NodeState.READY:
+            self._set_state(node.id, NodeState.READY, "")
+        return self.period
+
+    def _set_state(self, node_id: str, state: NodeState, message: str) -> None:
+        def write(tx: WriteTx) -> None:
+            n = tx.get(Node, node_id)
+            if n is not None and n.status.state is not state:
+                tx.update(n.model_copy(update={"status": NodeStatus(state=state, message=message)}))
+        self.store.update(write)
+
+    async def run(self) -> None:
+        """Watch the store to wake long-polls, and mark silent nodes DOWN."""
+        await asyncio.gather(self._watch_changes(), self._check_heartbeats())
+
+    async def _watch_changes(self) -> None:
+        with self.store.watch() as watch:
+            while True:
+                await watch.queue.get()
+                await asyncio.sleep(0.002)  # coalesce a burst of writes into one wake-up
+                watch.drain()
+                async with self._changed:
+                    self.version += 1
+                    self._changed.notify_all()
+
+    async def _check_heartbeats(self) -> None:
+        while True:
+            period = self.period
+            await asyncio.sleep(period / 4)
+            now = time.time()
+            for node in self.store.view().list(Node):
+                if node.status.state is NodeState.DOWN:
+                    continue
+                # A manager that just started gives every node one full window to reconnect.
+                last = self._sessions.get(node.id, _Session(self._started)).last_seen
+                if now - last > DOWN_AFTER_MISSED * period:
+                    log.warning("node %s missed %d heartbeats: marking it down",
+                                node.hostname, DOWN_AFTER_MISSED)
+                    self._set_state(node.id, NodeState.DOWN, "heartbeat failure")
+
+    # -- task status ----------------------------------------------------------------------
+    def update_status(self, node: Node, updates: list[StatusUpdate]) -> None:
+        """Apply an agent's reports; ignore tasks not on that node and backward moves."""
+        def write(tx: WriteTx) -> None:
+            for u in updates:
+                t = tx.get(Task, u.task_id)
+                if t is None or t.node_id != node.id:
+                    continue
+                if u.state <= t.status.state:
+                    continue  # observed state only moves forward
+                status = t.status.model_copy(update={
+                    "state": u.state, "message": u.message, "err": u.err,
+                    "exit_code": u.exit_code, "timestamp": time.time(),
+                    "addr": u.addr or t.status.addr, "port": u.port or t.status.port,
+                    "pid": u.pid or t.status.pid,
+                })
+                tx.update(t.model_copy(update={"status": status}))
+        self.store.update(write)
+
+    # -- assignments ----------------------------------------------------------------------
+    async def wait_assignments(self, node: Node, since: int, timeout: float) -> Assignments:
+        """Return as soon as the state is newer than `since`, or after `timeout` seconds."""
+        if since >= self.version:
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: self.version > since), timeout)
+                except TimeoutError:
+                    pass
+        return self.assignments(node.id)
+
+    def assignments(self, node_id: str) -> Assignments:
+        view = self.store.view()
+        tasks = [t for t in view.tasks_of_node(node_id) if t.status.state >= TaskState.ASSIGNED]
+        return Assignments(version=self.version, node_id=node_id, tasks=tasks,
+                           endpoints=ingress_endpoints(view.list(Service), view.list(Task),
+                                                       {n.id: n for n in view.list(Node)}),
+                           heartbeat_period=self.period)
+
+
+def routable(task: Task, nodes: dict[str, Node]) -> bool:
+    """A task the mesh may send new connections to: running, meant to run, on a live node."""
+    node = nodes.get(task.node_id)
+    return (task.desired_state is TaskState.RUNNING and task.status.state is TaskState.RUNNING
+            and task.status.port > 0 and node is not None and node.status.state is NodeState.READY)
+
+
+def ingress_endpoints(services: list[Service], tasks: list[Task],
+                      nodes: dict[str, Node]) -> list[Endpoint]:
+    """Every ingress-published port in the cluster with its routable backends (pure)."""
+    by_service: dict[str, list[Task]] = {}
+    for t in tasks:
+        if routable(t, nodes):
+            by_service.setdefault(t.service_id, []).append(t)
+    out = []
+    for svc in sorted(services, key=lambda s: s.spec.name):
+        backends = sorted(((t.status.addr, t.status.port, t.id) for t in by_service.get(svc.id, [])),
+                          key=lambda b: b[2])
+        for p in svc.spec.ports:
+            if p.publish_mode == "ingress":
+                out.append(Endpoint(service_name=svc.spec.name, port=p, backends=backends))
+    return out

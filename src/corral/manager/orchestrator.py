@@ -1,0 +1,62 @@
+"""Orchestrator: turns service specs into tasks — creates, restarts, scales and reaps them."""
+
+from __future__ import annotations
+
+from corral.api.types import Node, Service, ServiceMode, Task
+from corral.manager.constraints import parse_constraints
+from corral.manager.loop import Component
+from corral.manager.reconcile import (
+    Plan,
+    next_restart,
+    promote_delayed,
+    reap_orphans,
+    reconcile_global,
+    reconcile_replicated,
+)
+from corral.store.base import WriteTx
+
+
+class Orchestrator(Component):
+    """Reconciles every service against its tasks (replicated and global modes)."""
+
+    kinds = ("service", "task", "node", "cluster")
+    name = "orchestrator"
+
+    def plan(self, now: float) -> tuple[Plan, float | None]:
+        """Everything that should change now, and when to look again for delayed restarts."""
+        view = self.store.view()
+        cluster = view.cluster()
+        history = cluster.task_history_limit if cluster else 5
+        nodes = {n.id: n for n in view.list(Node)}
+        by_service: dict[str, list[Task]] = {}
+        for t in view.list(Task):
+            by_service.setdefault(t.service_id, []).append(t)
+        plan = Plan()
+        for svc in view.list(Service):
+            tasks = by_service.pop(svc.id, [])
+            plan.extend(promote_delayed(tasks, now))
+            if svc.spec.mode is ServiceMode.GLOBAL:
+                cons = parse_constraints(svc.spec.placement.constraints)
+                plan.extend(reconcile_global(
+                    svc, tasks, nodes, now, lambda n: all(c.matches(n) for c in cons), history))
+            else:
+                plan.extend(reconcile_replicated(svc, tasks, nodes, now, history))
+        for orphans in by_service.values():  # tasks whose service was removed
+            plan.extend(reap_orphans(orphans, nodes))
+        return plan, next_restart(view.list(Task))
+
+    def tick(self, now: float) -> float | None:
+        plan, wake = self.plan(now)
+        if plan:
+            self.store.update(lambda tx: commit(tx, plan))
+        return wake
+
+
+def commit(tx: WriteTx, plan: Plan) -> None:
+    """Write a plan in one transaction (a stale task version aborts it all; we then retry)."""
+    for t in plan.update:
+        tx.update(t)
+    for t in plan.create:
+        tx.create(t)
+    for task_id in plan.delete:
+        tx.delete(Task, task_id)

@@ -1,0 +1,374 @@
+"""The ingress mesh with real sockets on 127.0.0.1, on asyncio and on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
+
+Scenario = Callable[[], Awaitable[None]]
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Scenario], None]]:
+    """Run a scenario on a fresh loop of the parametrized kind, with a deadline."""
+    factory = LOOPS[request.param]
+
+    def _run(scenario: Scenario) -> None:
+        async def bounded() -> None:
+            async with asyncio.timeout(15):
+                await scenario()
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(bounded())
+
+    yield _run
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EchoBackend:
+    """Greets each connection with its id, echoes data, says "eof N" at EOF."""
+
+    def __init__(self, ident: str) -> None:
+        self.ident = ident
+        self.hits = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> EchoBackend:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def backend(self) -> Backend:
+        return Backend("127.0.0.1", self.port, task_id=self.ident)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.hits += 1
+        self.writers.add(writer)
+        try:
+            writer.write(f"{self.ident}\n".encode())
+            n = 0
+            while data := await reader.read(65536):
+                n += len(data)
+                writer.write(data)
+                await writer.drain()
+            # Only reached after the client's half-close got through the mesh.
+            writer.write(f"eof {n}\n".encode())
+            await writer.drain()
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            pass  # the test closed us (uvloop raises RuntimeError on write)
+        finally:
+            writer.close()
+            self.writers.discard(writer)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for w in list(self.writers):
+            w.close()
+
+
+@contextlib.asynccontextmanager
+async def cluster(n: int) -> Any:
+    """n echo backends plus a mesh on 127.0.0.1, all torn down on exit."""
+    backends = [await EchoBackend(f"b{i}").start() for i in range(n)]
+    mesh = IngressMesh("127.0.0.1", connect_timeout=1.0)
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        yield mesh, backends, writers
+    finally:
+        for w in writers:
+            w.close()
+        await mesh.close()
+        for b in backends:
+            b.close()
+        await asyncio.sleep(0)
+
+
+async def connect(port: int, writers: list[asyncio.StreamWriter]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    writers.append(w)
+    return r, w
+
+
+async def hello(port: int, writers: list[asyncio.StreamWriter]) -> str:
+    """Connect through the mesh and return the id of the backend that answered."""
+    r, w = await connect(port, writers)
+    line = await r.readline()
+    w.close()
+    return line.decode().strip()
+
+
+async def read_closed(r: asyncio.StreamReader) -> bytes:
+    """Read to EOF, treating a reset as EOF (the mesh may RST a rejected client)."""
+    try:
+        return await r.read()
+    except ConnectionResetError:
+        return b""
+
+
+def test_round_robin_each_backend_twice(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(3) as (mesh, bs, writers):
+            port = free_port()
+            pp = PublishedPort(port)
+            assert await mesh.apply({pp: [b.backend for b in bs]}) == {}
+            assert mesh.listening() == {pp}
+            seen = [await hello(port, writers) for _ in range(6)]
+            assert seen == ["b0", "b1", "b2", "b0", "b1", "b2"]
+            assert [b.hits for b in bs] == [2, 2, 2]
+            st = mesh.stats(pp)
+            assert (st.total, st.failed_connects, st.rejected) == (6, 0, 0)
+
+    run(scenario)
+
+
+def test_refused_backend_is_skipped(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(2) as (mesh, bs, writers):
+            port = free_port()
+            dead = Backend("127.0.0.1", free_port(), task_id="dead")
+            pp = PublishedPort(port)
+            await mesh.apply({pp: [dead, bs[0].backend, bs[1].backend]})
+            seen = [await hello(port, writers) for _ in range(4)]
+            assert set(seen) <= {"b0", "b1"} and "" not in seen
+            assert mesh.stats(port).failed_connects >= 1
+            assert mesh.stats(port).rejected == 0
+
+            # Only dead backends: each tried once, then the client is closed.
+            await mesh.apply({pp: [dead, Backend("127.0.0.1", free_port())]})
+            r, _ = await connect(port, writers)
+            assert await read_closed(r) == b""
+            assert mesh.stats(port).rejected == 1
+
+    run(scenario)
+
+
+def test_removed_backend_gets_no_new_connections(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(2) as (mesh, bs, writers):
+            port = free_port()
+            pp = PublishedPort(port)
+            await mesh.apply({pp: [bs[0].backend, bs[1].backend]})
+            r, w = await connect(port, writers)
+            assert await r.readline() == b"b0\n"
+
+            await mesh.apply({pp: [bs[1].backend]})
+            assert [await hello(port, writers) for _ in range(4)] == ["b1"] * 4
+            assert bs[0].hits == 1
+
+            # The established connection to the removed backend still works.
+            w.write(b"ping\n")
+            assert await r.readline() == b"ping\n"
+            assert mesh.stats(pp).active >= 1
+
+    run(scenario)
+
+
+def test_removed_port_is_released(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(1) as (mesh, bs, writers):
+            port = free_port()
+            pp = PublishedPort(port)
+            await mesh.apply({pp: [bs[0].backend]})
+            assert await hello(port, writers) == "b0"
+            await mesh.apply({})
+            assert mesh.listening() == set()
+            await asyncio.sleep(0.05)  # let the proxied connection wind down
+            with socket.socket() as s:  # the port is free right away
+                s.bind(("127.0.0.1", port))
+                s.listen()
+
+            # Removed while a connection is established: that connection
+            # may finish, and the port can be bound again at once (with
+            # SO_REUSEADDR, because the accepted socket still uses it).
+            await mesh.apply({pp: [bs[0].backend]})
+            r, w = await connect(port, writers)
+            assert await r.readline() == b"b0\n"
+            assert await mesh.apply({}) == {}
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                s.listen()
+            w.write(b"still\n")
+            assert await r.readline() == b"still\n"
+            assert await mesh.apply({pp: [bs[0].backend]}) == {}
+            assert await hello(port, writers) == "b0"
+
+    run(scenario)
+
+
+def test_empty_backend_list_closes_client(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(1) as (mesh, bs, writers):
+            port = free_port()
+            pp = PublishedPort(port)
+            await mesh.apply({pp: []})
+            assert mesh.listening() == {pp}
+            r, _ = await connect(port, writers)
+            assert await read_closed(r) == b""
+            assert mesh.stats(pp).rejected == 1
+
+            # Backends appear: the same listener starts forwarding.
+            await mesh.apply({pp: [bs[0].backend]})
+            assert await hello(port, writers) == "b0"
+
+    run(scenario)
+
+
+def test_half_close(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(1) as (mesh, bs, writers):
+            port = free_port()
+            await mesh.apply({PublishedPort(port): [bs[0].backend]})
+            r, w = await connect(port, writers)
+            w.write(b"x" * 1000)
+            await w.drain()
+            w.write_eof()  # shutdown(SHUT_WR)
+            # The backend answers "eof 1000" only after it saw our EOF, and
+            # its reply must still reach us through the half-closed pipe.
+            data = await r.read()
+            assert data == b"b0\n" + b"x" * 1000 + b"eof 1000\n"
+            await asyncio.sleep(0.05)
+            assert mesh.stats(port).active == 0  # both directions done: closed
+
+    run(scenario)
+
+
+def test_large_transfer_both_directions(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        size = 20 * 1024 * 1024
+        payload = os.urandom(size)
+        async with cluster(1) as (mesh, bs, writers):
+            port = free_port()
+            await mesh.apply({PublishedPort(port): [bs[0].backend]})
+            r, w = await connect(port, writers)
+            assert await r.readline() == b"b0\n"
+
+            async def send() -> None:
+                view = memoryview(payload)
+                for i in range(0, size, 1 << 20):
+                    w.write(view[i : i + (1 << 20)])
+                    await w.drain()
+                w.write_eof()
+
+            sender = asyncio.create_task(send())
+            echoed = await r.readexactly(size)
+            await sender
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+            assert await r.read() == f"eof {size}\n".encode()
+
+    run(scenario)
+
+
+def test_backpressure_keeps_mesh_buffers_small(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        size = 48 * 1024 * 1024
+        chunk = os.urandom(1 << 20)
+        sent = 0
+
+        async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal sent
+            try:
+                for _ in range(size // len(chunk)):
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(source, "127.0.0.1", 0)
+        mesh = IngressMesh("127.0.0.1")
+        w: asyncio.StreamWriter | None = None
+        try:
+            port = free_port()
+            sport = server.sockets[0].getsockname()[1]
+            await mesh.apply({PublishedPort(port): [Backend("127.0.0.1", sport)]})
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.5)  # a slow client: read nothing for a while
+            (conn,) = mesh._conns  # white-box: the mesh's client-side transport
+            assert conn.transport is not None and conn.peer is not None
+            assert conn.peer.transport is not None
+            # Userspace buffering is bounded by the write high-water mark
+            # (plus at most one read), and the upstream is paused.
+            assert conn.transport.get_write_buffer_size() < 1 << 20
+            assert not conn.peer.transport.is_reading()
+            assert sent < size
+            got = hashlib.sha256()
+            n = 0
+            while data := await r.read(1 << 20):
+                got.update(data)
+                n += len(data)
+            assert n == size
+            assert got.digest() == hashlib.sha256(chunk * (size // len(chunk))).digest()
+        finally:
+            if w is not None:
+                w.close()
+            await mesh.close()
+            server.close()
+
+    run(scenario)
+
+
+def test_bind_conflict_is_reported_not_raised(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(1) as (mesh, bs, writers):
+            blocker = socket.socket()
+            try:
+                blocker.bind(("127.0.0.1", 0))
+                blocker.listen()
+                port = blocker.getsockname()[1]
+                pp, ok = PublishedPort(port), PublishedPort(free_port())
+                errors = await mesh.apply({pp: [bs[0].backend], ok: [bs[0].backend]})
+                assert errors == {pp: "address already in use"}
+                assert mesh.listening() == {ok}
+            finally:
+                blocker.close()
+            # The failed port is retried on the next apply.
+            assert await mesh.apply({pp: [bs[0].backend], ok: [bs[0].backend]}) == {}
+            assert mesh.listening() == {pp, ok}
+            assert await hello(port, writers) == "b0"
+
+    run(scenario)
+
+
+def test_close_drops_listeners_and_connections(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(1) as (mesh, bs, writers):
+            port = free_port()
+            await mesh.apply({PublishedPort(port): [bs[0].backend]})
+            r, _ = await connect(port, writers)
+            assert await r.readline() == b"b0\n"
+            await mesh.close()
+            assert mesh.listening() == set()
+            assert await read_closed(r) == b""
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+            await mesh.close()  # idempotent
+
+    run(scenario)

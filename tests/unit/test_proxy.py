@@ -1,0 +1,199 @@
+"""Per-connection forwarding: backend choice, connect retries, early data."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import uvloop
+
+from corral.dataplane.proxy import (
+    Backend,
+    ClientSide,
+    PortStats,
+    Route,
+    bind_error_message,
+)
+
+Scenario = Callable[[], Awaitable[None]]
+
+A, B, C = (Backend("127.0.0.1", p) for p in (1001, 1002, 1003))
+
+
+def make_route(backends: list[Backend], timeout: float = 1.0) -> Route:
+    route = Route(PortStats(), set(), timeout)
+    route.set_backends(backends)
+    return route
+
+
+# --- backend choice (pure) -------------------------------------------------
+
+
+def test_pick_round_robin() -> None:
+    route = make_route([A, B, C])
+    assert [route.pick(()) for _ in range(7)] == [A, B, C, A, B, C, A]
+
+
+def test_pick_skips_tried_and_gives_up() -> None:
+    route = make_route([A, B, C])
+    tried: list[Backend] = []
+    while (b := route.pick(tried)) is not None:
+        tried.append(b)
+    assert sorted(tried, key=lambda b: b.port) == [A, B, C]
+    assert make_route([]).pick(()) is None
+
+
+def test_set_backends_copies_and_swaps() -> None:
+    src = [A, B]
+    route = make_route(src)
+    src.append(C)  # the caller's list is not shared
+    assert route.backends == (A, B)
+    route.set_backends([C])
+    assert {route.pick(()) for _ in range(3)} == {C}
+
+
+def test_bind_error_message() -> None:
+    assert bind_error_message(OSError(errno.EADDRINUSE, "whatever")) == "address already in use"
+    assert bind_error_message(OSError(errno.EACCES, "x")) == "permission denied"
+    assert bind_error_message(OSError("no errno")) == "no errno"
+
+
+# --- real sockets, on asyncio and uvloop -------------------------------------
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Scenario], None]]:
+    """Run a scenario on a fresh loop of the parametrized kind, with a deadline."""
+    factory = LOOPS[request.param]
+
+    def _run(scenario: Scenario) -> None:
+        async def bounded() -> None:
+            async with asyncio.timeout(10):
+                await scenario()
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(bounded())
+
+    yield _run
+
+
+async def _greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer "hi", then echo the request bytes back once the client half-closes."""
+    try:
+        writer.write(b"hi\n")
+        data = await reader.read()
+        writer.write(data)
+        await writer.drain()
+    except (ConnectionError, RuntimeError, asyncio.CancelledError):
+        pass  # torn down by the test (uvloop raises RuntimeError on write)
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def proxy(route: Route) -> AsyncIterator[int]:
+    """A listener on an ephemeral port forwarding through ``route``."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(route.make_client, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for conn in list(route.registry):
+            conn.abort()
+        await asyncio.sleep(0)
+
+
+def test_connect_timeout_moves_to_next_backend(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        # A listener whose accept queue (backlog 0) is full drops further
+        # SYNs, so connecting to it hangs: a stand-in for a dead host.
+        blackhole = socket.socket()
+        filler = socket.socket()
+        good = await asyncio.start_server(_greeter, "127.0.0.1", 0)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            blackhole.bind(("127.0.0.1", 0))
+            blackhole.listen(0)
+            filler.connect(blackhole.getsockname())
+            hole = Backend("127.0.0.1", blackhole.getsockname()[1], "hole")
+            ok = Backend("127.0.0.1", good.sockets[0].getsockname()[1], "ok")
+            route = make_route([hole, ok], timeout=0.2)
+            async with proxy(route) as port:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert await reader.readline() == b"hi\n"
+                assert route.stats.failed_connects == 1
+                assert route.stats.rejected == 0
+        finally:
+            if writer is not None:
+                writer.close()
+            good.close()
+            filler.close()
+            blackhole.close()
+
+    run(scenario)
+
+
+def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        # The client writes and half-closes before the upstream connect has
+        # finished; uvloop delivers those bytes even though the client side
+        # paused reading in connection_made(), so they must be held, not lost.
+        good = await asyncio.start_server(_greeter, "127.0.0.1", 0)
+        try:
+            ok = Backend("127.0.0.1", good.sockets[0].getsockname()[1])
+            route = make_route([ok])
+            async with proxy(route) as port:
+                for _ in range(5):
+                    with socket.create_connection(("127.0.0.1", port)) as s:
+                        s.sendall(b"early bytes")
+                        s.shutdown(socket.SHUT_WR)
+                        s.setblocking(False)
+                        got = b""
+                        while chunk := await asyncio.get_running_loop().sock_recv(s, 4096):
+                            got += chunk
+                    assert got == b"hi\nearly bytes"
+                await asyncio.sleep(0.05)
+                assert route.stats.active == 0
+                assert route.stats.total == 5
+        finally:
+            good.close()
+
+    run(scenario)
+
+
+def test_client_gone_while_connecting(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        blackhole = socket.socket()
+        filler = socket.socket()
+        try:
+            blackhole.bind(("127.0.0.1", 0))
+            blackhole.listen(0)
+            filler.connect(blackhole.getsockname())
+            hole = Backend("127.0.0.1", blackhole.getsockname()[1])
+            route = make_route([hole], timeout=0.3)
+            async with proxy(route) as port:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                await asyncio.sleep(0.05)
+                (conn,) = route.registry
+                assert isinstance(conn, ClientSide) and conn.task is not None
+                w.close()
+                # Gives up after the timeout, closes, and leaves nothing behind.
+                await asyncio.sleep(0.5)
+                assert route.registry == set()
+                assert route.stats.active == 0
+                assert route.stats.rejected == 1
+        finally:
+            filler.close()
+            blackhole.close()
+
+    run(scenario)
