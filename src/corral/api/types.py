@@ -177,22 +177,22 @@ class TaskState(str, Enum):
     def rank(self) -> int:
         return _STATE_ORDER[self]
 
-    def __lt__(self, other: object) -> bool:  # type: ignore[override]
+    def __lt__(self, other: object) -> bool:
         if not isinstance(other, TaskState):
             return NotImplemented
         return self.rank < other.rank
 
-    def __le__(self, other: object) -> bool:  # type: ignore[override]
+    def __le__(self, other: object) -> bool:
         if not isinstance(other, TaskState):
             return NotImplemented
         return self.rank <= other.rank
 
-    def __gt__(self, other: object) -> bool:  # type: ignore[override]
+    def __gt__(self, other: object) -> bool:
         if not isinstance(other, TaskState):
             return NotImplemented
         return self.rank > other.rank
 
-    def __ge__(self, other: object) -> bool:  # type: ignore[override]
+    def __ge__(self, other: object) -> bool:
         if not isinstance(other, TaskState):
             return NotImplemented
         return self.rank >= other.rank

@@ -23,11 +23,12 @@ def ls(ctx: typer.Context, quiet: Quiet = False, format: Format = None) -> None:
     c = client(ctx)
     nodes = [Node.model_validate(n) for n in c.get("/v1/nodes")]
     info = c.get("/v1/info")
+    nodes.sort(key=lambda n: n.hostname)
     if quiet:
-        for n in sorted(nodes, key=lambda n: n.hostname):
+        for n in nodes:
             typer.echo(n.id)
     elif format == "json":
-        typer.echo(to_json_lines(sorted(nodes, key=lambda n: n.hostname)))
+        typer.echo(to_json_lines(nodes))
     else:
         # One manager today: the one answering is the leader.
         leader = info["swarm"]["node_id"] if info["swarm"]["is_manager"] else ""

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class Lab:
 
     # -- up / down ------------------------------------------------------------------------
     def up(self, count: int, base_addr: str = DEFAULT_BASE_ADDR, heartbeat: float = 1.0,
-           progress: callable = print) -> None:  # type: ignore[valid-type]
+           progress: Callable[[str], object] = print) -> None:
         """Start `count` daemons and form a swarm with node1 as its manager."""
         if count < 1 or count > 50:
             raise InvalidArgument(f"invalid --nodes {count}: must be between 1 and 50")

@@ -19,7 +19,7 @@ class Allocator(Component):
     name = "allocator"
 
     def tick(self, now: float) -> float | None:
-        fresh = [t for t in self.store.view().list(Task) if t.status.state is TaskState.NEW]
+        fresh = [t for t in self.store.view().all(Task) if t.status.state is TaskState.NEW]
         if fresh:
             def allocate(tx: WriteTx) -> None:
                 for t in fresh:

@@ -163,7 +163,7 @@ class ControlAPI:
         node_secret = new_node_secret()
 
         def write(tx: WriteTx) -> Node:
-            for n in tx.list(Node):
+            for n in tx.all(Node):
                 if n.description.addr == req.addr and n.status.state is not NodeState.DOWN:
                     raise Conflict(f"a node with address {req.addr} is already part of the swarm "
                                    f"({n.hostname}); remove it first")
@@ -179,7 +179,7 @@ class ControlAPI:
 
     # -- nodes ---------------------------------------------------------------------------
     def nodes(self) -> list[Node]:
-        return self.store.view().list(Node)
+        return self.store.view().all(Node)
 
     def node(self, ref: str) -> Node:
         found = resolve(self.nodes(), ref, "node")
@@ -215,7 +215,7 @@ class ControlAPI:
 
     # -- services --------------------------------------------------------------------------
     def services(self) -> list[Service]:
-        return self.store.view().list(Service)
+        return self.store.view().all(Service)
 
     def service(self, ref: str) -> Service:
         found = resolve(self.services(), ref, "service")
@@ -232,7 +232,7 @@ class ControlAPI:
             if key in seen:
                 raise InvalidArgument(f"duplicate published port {p.published_port}/{p.protocol}")
             seen.add(key)
-        for other in view.list(Service):
+        for other in view.all(Service):
             if other.id == own_id:
                 continue
             if other.spec.name == spec.name:
@@ -272,7 +272,7 @@ class ControlAPI:
 
     def tasks(self, service_ref: str | None = None, node_ref: str | None = None) -> list[Task]:
         view = self.store.view()
-        tasks = view.list(Task)
+        tasks = view.all(Task)
         if service_ref is not None:
             sid = self.service(service_ref).id
             tasks = [t for t in tasks if t.service_id == sid]

@@ -139,7 +139,7 @@ class Dispatcher:
             period = self.period
             await asyncio.sleep(period / 4)
             now = time.time()
-            for node in self.store.view().list(Node):
+            for node in self.store.view().all(Node):
                 if node.status.state is NodeState.DOWN:
                     continue
                 # A manager that just started gives every node one full window to reconnect.
@@ -184,8 +184,8 @@ class Dispatcher:
         view = self.store.view()
         tasks = [t for t in view.tasks_of_node(node_id) if t.status.state >= TaskState.ASSIGNED]
         return Assignments(version=self.version, node_id=node_id, tasks=tasks,
-                           endpoints=ingress_endpoints(view.list(Service), view.list(Task),
-                                                       {n.id: n for n in view.list(Node)}),
+                           endpoints=ingress_endpoints(view.all(Service), view.all(Task),
+                                                       {n.id: n for n in view.all(Node)}),
                            heartbeat_period=self.period)
 
 

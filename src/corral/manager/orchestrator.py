@@ -27,12 +27,12 @@ class Orchestrator(Component):
         view = self.store.view()
         cluster = view.cluster()
         history = cluster.task_history_limit if cluster else 5
-        nodes = {n.id: n for n in view.list(Node)}
+        nodes = {n.id: n for n in view.all(Node)}
         by_service: dict[str, list[Task]] = {}
-        for t in view.list(Task):
+        for t in view.all(Task):
             by_service.setdefault(t.service_id, []).append(t)
         plan = Plan()
-        for svc in view.list(Service):
+        for svc in view.all(Service):
             tasks = by_service.pop(svc.id, [])
             plan.extend(promote_delayed(tasks, now))
             if svc.spec.mode is ServiceMode.GLOBAL:
@@ -43,7 +43,7 @@ class Orchestrator(Component):
                 plan.extend(reconcile_replicated(svc, tasks, nodes, now, history))
         for orphans in by_service.values():  # tasks whose service was removed
             plan.extend(reap_orphans(orphans, nodes))
-        return plan, next_restart(view.list(Task))
+        return plan, next_restart(view.all(Task))
 
     def tick(self, now: float) -> float | None:
         plan, wake = self.plan(now)

@@ -19,10 +19,10 @@ class Scheduler(Component):
 
     def tick(self, now: float) -> float | None:
         view = self.store.view()
-        services = {s.id: s for s in view.list(Service)}
-        nodes = view.list(Node)
+        services = {s.id: s for s in view.all(Service)}
+        nodes = view.all(Node)
         by_id = {n.id: n for n in nodes}
-        tasks = view.list(Task)
+        tasks = view.all(Task)
         pending = [t for t in tasks if t.status.state is TaskState.PENDING
                    and t.desired_state in RUNNABLE and t.service_id in services]
         if not pending:

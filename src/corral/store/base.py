@@ -72,19 +72,19 @@ class ReadTx:
             raise NotFound(f"{kind_of(cls)} {id} not found")
         return obj
 
-    def list(self, cls: type[Obj]) -> list[Obj]:
+    def all(self, cls: type[Obj]) -> list[Obj]:
         return list(self._tables[kind_of(cls)].values())  # type: ignore[arg-type]
 
     # Convenience queries used everywhere; linear scans are fine at lab scale and keep the
     # backend interface tiny.
     def tasks_of_service(self, service_id: str) -> list[Task]:
-        return [t for t in self.list(Task) if t.service_id == service_id]
+        return [t for t in self.all(Task) if t.service_id == service_id]
 
     def tasks_of_node(self, node_id: str) -> list[Task]:
-        return [t for t in self.list(Task) if t.node_id == node_id]
+        return [t for t in self.all(Task) if t.node_id == node_id]
 
     def service_by_name(self, name: str) -> Service | None:
-        for s in self.list(Service):
+        for s in self.all(Service):
             if s.spec.name == name:
                 return s
         return None
