@@ -1,0 +1,112 @@
+"""Test helpers: real lab swarms, the CLI as a subprocess, and small polling utilities."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from corral.lab.lab import Lab
+
+T = TypeVar("T")
+
+
+@dataclass
+class CLIResult:
+    """What a `corral …` invocation printed and returned."""
+
+    code: int
+    out: str
+    err: str
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.splitlines() if line.strip()]
+
+
+class LabSwarm:
+    """A running lab plus a CLI pointed at it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+
+    @property
+    def addrs(self) -> list[str]:
+        return [n.addr for n in self.lab.nodes]
+
+    @property
+    def manager(self) -> str:
+        return self.lab.nodes[0].host
+
+    def cli(self, *args: str, host: str | None = None, timeout: float = 60.0,
+            env: dict[str, str] | None = None) -> CLIResult:
+        """Run `corral ARGS` against the lab (node1 unless `host` is given)."""
+        e = dict(os.environ)
+        e.update({"CORRAL_HOST": host or self.manager, "CORRAL_LAB_DIR": str(self.lab.dir),
+                  "COLUMNS": "200"})
+        e.update(env or {})
+        p = subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True,
+                           timeout=timeout, env=e, stdin=subprocess.DEVNULL)
+        return CLIResult(p.returncode, p.stdout, p.stderr)
+
+    def ok(self, *args: str, **kw: Any) -> CLIResult:
+        """Run the CLI and insist it succeeded."""
+        r = self.cli(*args, **kw)
+        assert r.code == 0, f"corral {' '.join(args)} failed ({r.code}): {r.err or r.out}"
+        return r
+
+    def tasks(self, service: str) -> list[dict[str, Any]]:
+        return self.ok("service", "ps", service, "--format", "json").json_lines()
+
+    def running(self, service: str) -> list[dict[str, Any]]:
+        """Tasks of `service` that are meant to run and do."""
+        return [t for t in self.tasks(service) if t["desired_state"] == "running"
+                and t["status"]["state"] == "running"]
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {n["description"]["hostname"]: n for n in self.ok("node", "ls", "--format", "json").json_lines()}
+
+
+def free_lab_dir(tmp: Path) -> Path:
+    return tmp / "lab"
+
+
+@contextmanager
+def lab_swarm(tmp: Path, nodes: int, base_addr: str, heartbeat: float = 0.5) -> Iterator[LabSwarm]:
+    """Bring a lab up for a test and always take it down, even when the test fails."""
+    lab = Lab(free_lab_dir(tmp))
+    lab.up(nodes, base_addr, heartbeat, progress=lambda _: None)
+    try:
+        yield LabSwarm(lab)
+    finally:
+        lab.down()
+
+
+def http_get(addr: str, port: int, timeout: float = 3.0) -> dict[str, Any]:
+    """One request on a fresh connection (as `curl` does) to a whoami behind the mesh."""
+    with httpx.Client(timeout=timeout) as c:
+        r = c.get(f"http://{addr}:{port}/")
+        r.raise_for_status()
+        data: dict[str, Any] = r.json()
+        return data
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 20.0, interval: float = 0.1,
+             what: str = "condition") -> T:
+    """Poll until `cond()` is truthy; return its value or fail with `what`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

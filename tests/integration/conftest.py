@@ -1,0 +1,11 @@
+"""Integration tests start real daemons on 127.0.0.x; each test module uses its own addresses."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)

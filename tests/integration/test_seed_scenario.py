@@ -1,0 +1,168 @@
+"""The seed's scenario on a real 3-node lab: create, spread, mesh round-robin, scale, rm."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.testing.labs import LabSwarm, http_get, lab_swarm, wait_for
+
+BASE = "127.0.0.21"  # this module's lab: 127.0.0.21-23, published ports 19000-19019
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabSwarm]:
+    with lab_swarm(tmp_path_factory.mktemp("seed"), 3, BASE) as s:
+        yield s
+
+
+def port_bound(addr: str, port: int) -> bool:
+    """Something accepts connections on addr:port."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((addr, port)) == 0
+
+
+def test_node_ls_shows_three_ready_nodes_with_leader(swarm: LabSwarm) -> None:
+    out = swarm.ok("node", "ls").out.splitlines()
+    assert out[0].split() == ["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER", "STATUS",
+                              "ENGINE", "VERSION"]
+    rows = {line.split()[-4 if "Leader" in line else -3]: line for line in out[1:]}
+    assert len(out) == 4
+    node1 = next(line for line in out[1:] if " node1 " in line)
+    assert " * " in node1 and "Leader" in node1 and "Ready" in node1
+    assert all("Ready" in line and "Active" in line for line in out[1:]), rows
+
+
+def test_seed_scenario(swarm: LabSwarm) -> None:
+    r = swarm.ok("service", "create", "--name", "search", "--replicas", "3",
+                 "-p", "19000:9200", "whoami")
+    lines = r.out.splitlines()
+    assert len(lines[0]) == 25  # the service ID comes first, like docker
+    assert "overall progress: 3 out of 3 tasks" in r.out
+    for slot in (1, 2, 3):
+        assert f"{slot}/3: running   [==================================================>]" in r.out
+    assert lines[-1] == "verify: Service converged"
+
+    ls = swarm.ok("service", "ls").out.splitlines()
+    assert ls[0].split() == ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"]
+    assert ls[1].split()[1:] == ["search", "replicated", "3/3", "whoami", "*:19000->9200/tcp"]
+
+    ps = swarm.ok("service", "ps", "search").out.splitlines()
+    assert ps[0].split()[:4] == ["ID", "NAME", "IMAGE", "NODE"]
+    nodes = sorted(line.split()[3] for line in ps[1:])
+    assert nodes == ["node1", "node2", "node3"], "3 replicas must spread over the 3 nodes"
+    assert all("Running" in line for line in ps[1:])
+
+    # From EVERY node's published port, successive connections reach all three replicas,
+    # round-robin — whether or not that node runs a task of its own.
+    tasks = {t["id"] for t in swarm.running("search")}
+    for addr in swarm.addrs:
+        seen = [http_get(addr, 19000) for _ in range(6)]
+        assert {s["task_id"] for s in seen} == tasks
+        names = [s["name"] for s in seen]
+        assert names[:3] == names[3:], "round-robin: the same cycle repeats"
+        assert all(s["service"] == "search" for s in seen)
+
+    swarm.ok("service", "rm", "search")
+
+
+def test_scale_3_5_1(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "scaled", "--replicas", "3", "-p", "19001:80",
+             "whoami")
+    r = swarm.ok("service", "scale", "scaled=5")
+    assert "scaled scaled to 5" in r.out and "overall progress: 5 out of 5 tasks" in r.out
+    running = swarm.running("scaled")
+    assert sorted(t["slot"] for t in running) == [1, 2, 3, 4, 5]
+    per_node: dict[str, int] = {}
+    for t in running:
+        per_node[t["node_id"]] = per_node.get(t["node_id"], 0) + 1
+    assert sorted(per_node.values()) == [1, 2, 2], "spread: 2/2/1 over 3 nodes"
+    assert len({http_get(swarm.addrs[1], 19001)["task_id"] for _ in range(10)}) == 5
+
+    r = swarm.ok("service", "scale", "scaled=1")
+    assert "overall progress: 1 out of 1 tasks" in r.out
+    wait_for(lambda: len(swarm.tasks("scaled")) == 1, what="removed tasks to be reaped")
+    (only,) = swarm.running("scaled")
+    assert only["slot"] == 1
+    assert all(http_get(a, 19001)["task_id"] == only["id"] for a in swarm.addrs)
+    swarm.ok("service", "rm", "scaled")
+
+
+def test_service_rm_frees_port_on_every_node(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "gone", "--replicas", "2", "-p", "19002:80", "whoami")
+    assert all(port_bound(a, 19002) for a in swarm.addrs)
+    swarm.ok("service", "rm", "gone")
+    wait_for(lambda: not any(port_bound(a, 19002) for a in swarm.addrs), timeout=5,
+             what="port 19002 to be released on every node")
+    wait_for(lambda: "gone" not in swarm.ok("service", "ls").out, timeout=5, what="service gone")
+    # The task processes are gone too, and the port can be published again right away.
+    swarm.ok("service", "create", "--name", "again", "-p", "19002:80", "whoami")
+    assert http_get(swarm.addrs[2], 19002)["service"] == "again"
+    swarm.ok("service", "rm", "again")
+
+
+def test_global_service_runs_one_task_per_node(swarm: LabSwarm) -> None:
+    r = swarm.ok("service", "create", "--name", "everywhere", "--mode", "global",
+                 "-p", "19003:80", "whoami")
+    assert "overall progress: 3 out of 3 tasks" in r.out
+    running = swarm.running("everywhere")
+    assert len({t["node_id"] for t in running}) == 3
+    assert "3/3" in swarm.ok("service", "ls").out
+    swarm.ok("service", "rm", "everywhere")
+
+
+def test_constraints_and_labels_place_tasks(swarm: LabSwarm) -> None:
+    swarm.ok("node", "update", "--label-add", "zone=b", "node2")
+    swarm.ok("service", "create", "--name", "pinned", "--replicas", "2", "-d",
+             "--constraint", "node.labels.zone==b", "whoami")
+    wait_for(lambda: len(swarm.running("pinned")) == 2, what="2 pinned tasks")
+    node2 = swarm.nodes()["node2"]["id"]
+    assert {t["node_id"] for t in swarm.running("pinned")} == {node2}
+    swarm.ok("service", "rm", "pinned")
+    swarm.ok("node", "update", "--label-rm", "zone", "node2")
+
+
+def test_drain_moves_tasks_and_pause_stops_placement(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "movers", "--replicas", "3", "-p", "19004:80", "whoami")
+    node3 = swarm.nodes()["node3"]["id"]
+    try:
+        swarm.ok("node", "update", "--availability", "drain", "node3")
+        wait_for(lambda: len(swarm.running("movers")) == 3
+                 and all(t["node_id"] != node3 for t in swarm.running("movers")),
+                 what="tasks to move off the drained node")
+        assert "Drain" in swarm.ok("node", "ls").out
+        swarm.ok("node", "update", "--availability", "pause", "node3")
+        swarm.ok("service", "scale", "-d", "movers=5")
+        wait_for(lambda: len(swarm.running("movers")) == 5, what="scale to 5")
+        assert all(t["node_id"] != node3 for t in swarm.running("movers")), "paused: no new tasks"
+    finally:
+        swarm.ok("node", "update", "--availability", "active", "node3")
+        swarm.ok("service", "rm", "movers")
+
+
+def test_service_logs_and_inspect(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "chatty", "--replicas", "2", "-p", "19005:80", "whoami")
+    out = swarm.ok("service", "logs", "chatty").out
+    assert out.count("listening on") == 2
+    assert "chatty.1." in out and "chatty.2." in out
+    import json
+    (svc,) = json.loads(swarm.ok("service", "inspect", "chatty").out)
+    assert svc["spec"]["ports"][0]["published_port"] == 19005
+    swarm.ok("service", "rm", "chatty")
+
+
+def test_restart_condition_none_keeps_the_slot(tmp_path: Path, swarm: LabSwarm) -> None:
+    script = tmp_path / "once.sh"
+    script.write_text("#!/bin/sh\necho done\nexit 0\n")
+    script.chmod(0o755)
+    swarm.ok("service", "create", "--name", "once", "-d", "--restart-condition", "none",
+             str(script))
+    wait_for(lambda: [t for t in swarm.tasks("once") if t["status"]["state"] == "complete"],
+             what="the task to complete")
+    tasks = swarm.tasks("once")
+    assert len(tasks) == 1 and tasks[0]["desired_state"] == "running", "no restart, slot kept"
+    swarm.ok("service", "rm", "once")
