@@ -99,7 +99,8 @@ class IngressMesh:
         if pp.protocol != "tcp":
             return f"unsupported protocol {pp.protocol!r}"
         stats = self._stats.setdefault(pp, PortStats())
-        route = Route(stats, self._conns, self._connect_timeout)
+        source = None if self._listen_addr in ("", "0.0.0.0", "::") else self._listen_addr
+        route = Route(stats, self._conns, self._connect_timeout, source)
         # Backends are set before the first accept can happen.
         route.set_backends(backends)
         loop = asyncio.get_running_loop()

@@ -69,15 +69,20 @@ class PortStats:
 class Route:
     """The live backend list of one published port, with round-robin state."""
 
-    __slots__ = ("backends", "connect_timeout", "stats", "registry", "_rr")
+    __slots__ = ("backends", "connect_timeout", "stats", "registry", "source_addr", "_rr")
 
     def __init__(
         self,
         stats: PortStats,
         registry: set[ClientSide],
         connect_timeout: float,
+        source_addr: str | None = None,
     ) -> None:
         """Create an empty route; ``registry`` tracks open connections for shutdown."""
+        # Upstream connections leave from the node's own address (when it has a specific
+        # one), so a task sees which node's mesh the connection came through — as a Swarm
+        # task sees the ingress endpoint's address.
+        self.source_addr = source_addr
         # A tuple, replaced wholesale by set_backends(): readers never see a
         # half-updated list, and no lock is needed on a single-threaded loop.
         self.backends: tuple[Backend, ...] = ()
@@ -299,7 +304,8 @@ class ClientSide(_Side):
                 try:
                     async with asyncio.timeout(route.connect_timeout):
                         await loop.create_connection(
-                            lambda: UpstreamSide(self), backend.addr, backend.port
+                            lambda: UpstreamSide(self), backend.addr, backend.port,
+                            local_addr=(route.source_addr, 0) if route.source_addr else None,
                         )
                 except (OSError, TimeoutError):
                     route.stats.failed_connects += 1
