@@ -252,20 +252,20 @@ async def test_wait_assignments_times_out(store: MemoryStore) -> None:
     start = time.monotonic()
     a = await d.wait_assignments(node(store, "n1"), since=d.version, timeout=0.2)
     assert 0.15 <= time.monotonic() - start < 1.0
-    assert a.version == 0 and [t.id for t in a.tasks] == ["t1"]
+    assert a.version == d.version and [t.id for t in a.tasks] == ["t1"]
 
 
 async def test_version_bumps_on_store_writes(store: MemoryStore,
                                              running: Dispatcher) -> None:
     d = running
-    assert d.version == 0
+    v0 = d.version
     for _ in range(3):  # a burst of writes coalesces into few wake-ups
         t0 = store.view().must_get(Task, "t0")
         store.update(lambda tx: tx.update(t0))
     deadline = time.monotonic() + 2.0
-    while d.version == 0 and time.monotonic() < deadline:
+    while d.version == v0 and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
-    assert 1 <= d.version <= 3
+    assert v0 + 1 <= d.version <= v0 + 3
 
 
 async def test_long_poll_wakes_on_store_write(store: MemoryStore, running: Dispatcher) -> None:
@@ -297,12 +297,6 @@ async def test_long_poll_many_waiters(store: MemoryStore, running: Dispatcher) -
     assert all(r.version == d.version >= 1 for r in results)
 
 
-@pytest.mark.xfail(
-    reason="wait_assignments waits while since >= version: an agent whose `since` comes from "
-           "before a manager restart (version restarts at 0) gets nothing until its 10 s "
-           "poll timeout, even though the store changed",
-    strict=True,
-)
 async def test_long_poll_from_before_a_manager_restart(store: MemoryStore,
                                                        running: Dispatcher) -> None:
     d = running

@@ -91,7 +91,8 @@ async def test_pipeline_places_replicas_and_explains_unplaceable(
     svc = api.create_service(spec("web", 3))
 
     def web_tasks() -> list[Task]:
-        return store.view().tasks_of_service(svc.id)
+        tasks: list[Task] = store.view().tasks_of_service(svc.id)
+        return tasks
 
     def assigned() -> bool:
         ts = web_tasks()

@@ -461,11 +461,6 @@ def test_global_existing_task(node: Node, expected: TaskState | None) -> None:
     assert plan.create == []  # never a second task on the node, never a task elsewhere
 
 
-@pytest.mark.xfail(
-    reason="supervise() marks a global task on a deleted node SHUTDOWN (lost-node branch) before "
-           "reconcile_global's REMOVE branch can see it, so its history is never reaped",
-    strict=True,
-)
 def test_global_task_on_deleted_node_is_removed() -> None:
     svc = mk_service(mode=ServiceMode.GLOBAL)
     t = mk_task(0, node="n9")
@@ -584,12 +579,6 @@ def test_orchestrator_tick_commits_plan_and_converges() -> None:
     assert all(t.desired_state is not S.READY for t in store.view().all(Task))
 
 
-@pytest.mark.xfail(
-    reason="Orchestrator.plan() merges promote_delayed's update and reconcile's update of the "
-           "same task (both based on the same version): commit raises SequenceConflict on every "
-           "retry, a livelock",
-    strict=True,
-)
 def test_orchestrator_promote_and_scale_down_same_task() -> None:
     store = MemoryStore()
     due = mk_task(2, node="n2", desired=S.READY, state=S.ASSIGNED, restart_at=NOW - 1)

@@ -251,7 +251,8 @@ def test_transaction_sees_its_own_writes_and_commits_together(store: Store) -> N
         b = tx.update(a.model_copy(update={"status": NodeStatus(state=NodeState.DOWN)}))
         tx.create(mk_node(2))
         tx.delete(Node, "node2")
-        return b.version
+        version: int = b.version
+        return version
     assert store.update(write) == 2
     assert [n.id for n in store.view().all(Node)] == ["node1"]
 
@@ -380,7 +381,7 @@ def test_sqlite_restart_persistence(tmp_path: Path) -> None:
         again.close()
 
 
-def test_memory_store_forgets(factory: Factory, request: pytest.FixtureRequest) -> None:
+def test_memory_store_forgets(factory: Factory) -> None:
     first = factory()
     first.update(lambda tx: tx.create(mk_node(1)))
     first.close()

@@ -40,8 +40,10 @@ async def wait_listening(addr: str, port: int, timeout: float, alive: Callable[[
 class TaskRunner:
     """Drives one task from ACCEPTED to a final state, following its desired state."""
 
-    def __init__(self, task: Task, controller: Controller, report: Report) -> None:
+    def __init__(self, task: Task, controller: Controller, report: Report,
+                 advertise_addr: str = "") -> None:
         self.task = task
+        self.advertise_addr = advertise_addr
         self.ctl = controller
         self._report = report
         self.changed = asyncio.Event()
@@ -64,6 +66,8 @@ class TaskRunner:
     def report(self, state: TaskState, message: str, err: str = "", exit_code: int | None = None) -> None:
         self.state = state
         addr, port = self.ctl.endpoint
+        if addr in ("0.0.0.0", "::", "") and self.advertise_addr:
+            addr = self.advertise_addr  # a task bound to all addresses is reached at the node's
         self._report(StatusUpdate(task_id=self.task.id, state=state, message=message, err=err,
                                   exit_code=exit_code, addr=addr, port=port, pid=self.ctl.pid))
 
@@ -145,8 +149,10 @@ class Agent:
     """The node's worker: session with the manager, task runners, and the mesh feed."""
 
     def __init__(self, session: ManagerSession, executor: Executor,
-                 apply_endpoints: Callable[[list[Endpoint]], Awaitable[None]]) -> None:
+                 apply_endpoints: Callable[[list[Endpoint]], Awaitable[None]],
+                 advertise_addr: str = "") -> None:
         self.session = session
+        self.advertise_addr = advertise_addr
         self.executor = executor
         self.apply_endpoints = apply_endpoints
         self.runners: dict[str, TaskRunner] = {}
@@ -244,7 +250,7 @@ class Agent:
         await self.apply_endpoints(a.endpoints)
 
     def _start(self, task: Task) -> None:
-        runner = TaskRunner(task, self.executor.controller(task), self.report)
+        runner = TaskRunner(task, self.executor.controller(task), self.report, self.advertise_addr)
         self.runners[task.id] = runner
 
         async def supervise() -> None:

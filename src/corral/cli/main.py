@@ -37,11 +37,14 @@ def root(ctx: typer.Context,
 def daemon(addr: Annotated[str, typer.Option(help="Address for the API and published ports")],
            data_dir: Annotated[Optional[Path], typer.Option(help="State directory")] = None,
            hostname: Annotated[Optional[str], typer.Option(help="Node name")] = None,
-           port: Annotated[int, typer.Option(help="API port")] = 2377) -> None:
+           port: Annotated[int, typer.Option(help="API port")] = 2377,
+           advertise_addr: Annotated[Optional[str], typer.Option(
+               help="Address other nodes reach this one at (required with --addr 0.0.0.0)")] = None,
+           ) -> None:
     """Run a node's daemon in the foreground."""
     from corral.daemon.run import run_daemon  # heavy imports only for the daemon
     data = data_dir or Path.home() / ".corral" / f"daemon-{addr}"
-    raise typer.Exit(run_daemon(addr, data, hostname or socket.gethostname(), port))
+    raise typer.Exit(run_daemon(addr, data, hostname or socket.gethostname(), port, advertise_addr))
 
 
 @app.command()

@@ -55,8 +55,14 @@ class Info(Model):
 class Daemon:
     """Everything one node runs, wired together."""
 
-    def __init__(self, addr: str, data_dir: Path, hostname: str, api_port: int = API_PORT) -> None:
+    def __init__(self, addr: str, data_dir: Path, hostname: str, api_port: int = API_PORT,
+                 advertise_addr: str | None = None) -> None:
         self.addr = addr
+        # The address other nodes reach this one at: the bind address unless that is a
+        # wildcard (0.0.0.0 on a real host), where it must be given.
+        if advertise_addr is None and addr in ("0.0.0.0", "::", ""):
+            raise InvalidArgument(f"--advertise-addr is required when --addr is {addr or 'empty'}")
+        self.advertise = advertise_addr or addr
         self.data_dir = data_dir
         self.hostname = hostname
         self.api_port = api_port
@@ -71,7 +77,7 @@ class Daemon:
 
     @property
     def api_addr(self) -> str:
-        return f"{self.addr}:{self.api_port}"
+        return f"{self.advertise}:{self.api_port}"
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,7 +103,7 @@ class Daemon:
     def _start_agent(self, ident: NodeIdentity) -> None:
         self.executor = ProcessExecutor(self.data_dir, TaskEnv(self.hostname, ident.node_id, self.addr))
         session = ManagerSession(ident.manager_addr, ident.node_id, ident.secret)
-        self.agent = Agent(session, self.executor, self._apply_endpoints)
+        self.agent = Agent(session, self.executor, self._apply_endpoints, self.advertise)
         self._agent_task = asyncio.create_task(self.agent.run(), name="agent")
 
     async def _stop_agent(self) -> None:
@@ -126,7 +132,7 @@ class Daemon:
         if ident is not None:
             swarm = SwarmInfo(state="active", node_id=ident.node_id, role=ident.role.value,
                               manager_addr=ident.manager_addr, is_manager=self.manager is not None)
-        return Info(hostname=self.hostname, addr=self.addr, version=__version__,
+        return Info(hostname=self.hostname, addr=self.advertise, version=__version__,
                     os=platform.system().lower(), arch=platform.machine(), swarm=swarm,
                     mesh_errors=self.mesh_errors)
 
@@ -146,7 +152,7 @@ class Daemon:
                 adv = f"{adv}:{self.api_port}"
             manager = Manager.open(self.data_dir)
             try:
-                resp = manager.control.init_cluster(hostname=self.hostname, addr=self.addr,
+                resp = manager.control.init_cluster(hostname=self.hostname, addr=self.advertise,
                                                     heartbeat_period=heartbeat_period,
                                                     engine_version=__version__)
             except CorralError:
@@ -168,7 +174,7 @@ class Daemon:
                                       "leave\" to leave this swarm and join another one.")
             if ":" not in remote:
                 remote = f"{remote}:{API_PORT}"
-            req = JoinRequest(token=token, hostname=self.hostname, addr=self.addr,
+            req = JoinRequest(token=token, hostname=self.hostname, addr=self.advertise,
                               engine_version=__version__)
             try:
                 async with httpx.AsyncClient(timeout=10.0) as client:

@@ -28,8 +28,10 @@ async def serve(daemon: Daemon) -> int:
     return 0 if server.started else 1
 
 
-def run_daemon(addr: str, data_dir: Path, hostname: str, api_port: int) -> int:
+def run_daemon(addr: str, data_dir: Path, hostname: str, api_port: int,
+               advertise_addr: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return uvloop.run(serve(Daemon(addr, data_dir, hostname, api_port)))
+    daemon = Daemon(addr, data_dir, hostname, api_port, advertise_addr)
+    return uvloop.run(serve(daemon))

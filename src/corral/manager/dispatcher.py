@@ -87,7 +87,9 @@ class Dispatcher:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.version = 0
+        # Unique per manager run: an agent still holding a version from before a manager
+        # restart must see "changed", not wait for a counter to catch up with it.
+        self.version = int(time.time() * 1000)
         self._changed = asyncio.Condition()
         self._sessions: dict[str, _Session] = {}
         self._started = time.time()
@@ -171,11 +173,11 @@ class Dispatcher:
     # -- assignments ----------------------------------------------------------------------
     async def wait_assignments(self, node: Node, since: int, timeout: float) -> Assignments:
         """Return as soon as the state is newer than `since`, or after `timeout` seconds."""
-        if since >= self.version:
+        if since == self.version:
             async with self._changed:
                 try:
                     await asyncio.wait_for(
-                        self._changed.wait_for(lambda: self.version > since), timeout)
+                        self._changed.wait_for(lambda: self.version != since), timeout)
                 except TimeoutError:
                     pass
         return self.assignments(node.id)

@@ -7,6 +7,7 @@ from corral.manager.constraints import parse_constraints
 from corral.manager.loop import Component
 from corral.manager.reconcile import (
     Plan,
+    apply_plan,
     next_restart,
     promote_delayed,
     reap_orphans,
@@ -34,16 +35,21 @@ class Orchestrator(Component):
         plan = Plan()
         for svc in view.all(Service):
             tasks = by_service.pop(svc.id, [])
-            plan.extend(promote_delayed(tasks, now))
+            # Promote first and reconcile the promoted tasks, so one pass never holds two
+            # different updates of the same task.
+            promoted = promote_delayed(tasks, now)
+            tasks = apply_plan(tasks, promoted)
             if svc.spec.mode is ServiceMode.GLOBAL:
                 cons = parse_constraints(svc.spec.placement.constraints)
-                plan.extend(reconcile_global(
-                    svc, tasks, nodes, now, lambda n: all(c.matches(n) for c in cons), history))
+                step = reconcile_global(
+                    svc, tasks, nodes, now, lambda n: all(c.matches(n) for c in cons), history)
             else:
-                plan.extend(reconcile_replicated(svc, tasks, nodes, now, history))
+                step = reconcile_replicated(svc, tasks, nodes, now, history)
+            plan.merge(promoted)
+            plan.merge(step)
         for orphans in by_service.values():  # tasks whose service was removed
-            plan.extend(reap_orphans(orphans, nodes))
-        return plan, next_restart(view.all(Task))
+            plan.merge(reap_orphans(orphans, nodes))
+        return plan, next_restart(apply_plan(view.all(Task), plan))
 
     def tick(self, now: float) -> float | None:
         plan, wake = self.plan(now)

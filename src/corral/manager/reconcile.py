@@ -52,6 +52,14 @@ class Plan:
         self.update += other.update
         self.delete += other.delete
 
+    def merge(self, later: Plan) -> None:
+        """Add a later step's changes; its update of a task replaces an earlier one."""
+        for t in later.update:
+            _replace(self, t)
+        for t in later.create:
+            _replace(self, t) if any(c.id == t.id for c in self.create) else self.create.append(t)
+        self.delete += [d for d in later.delete if d not in self.delete]
+
 
 def new_task(service: Service, *, slot: int = 0, node_id: str = "", attempt: int = 0,
              restart_at: float = 0.0, now: float) -> Task:
@@ -106,7 +114,10 @@ def supervise(service: Service, tasks: Iterable[Task], nodes: dict[str, Node], n
         lost = node_lost(t, nodes)
         stopped = t.status.state.terminal
         slot, node_id = key(t)
-        if drained and service.spec.mode is ServiceMode.GLOBAL:
+        if service.spec.mode is ServiceMode.GLOBAL and t.node_id and t.node_id not in nodes:
+            # The node was removed from the swarm: nothing will ever run there again.
+            plan.update.append(_with_desired(t, TaskState.REMOVE))
+        elif drained and service.spec.mode is ServiceMode.GLOBAL:
             plan.update.append(_with_desired(t, TaskState.SHUTDOWN))
         elif drained or (lost and service.spec.restart_policy.condition is not RestartCondition.NONE):
             # Moving a task off a drained or lost node is not a failure: no delay, no attempt.
@@ -138,7 +149,7 @@ def next_restart(tasks: Iterable[Task]) -> float | None:
     return min(times) if times else None
 
 
-def _apply(tasks: list[Task], plan: Plan) -> list[Task]:
+def apply_plan(tasks: list[Task], plan: Plan) -> list[Task]:
     """The task list as it will be after `plan` (used to chain the steps)."""
     changed = {t.id: t for t in plan.update}
     gone = set(plan.delete)
@@ -149,7 +160,7 @@ def reconcile_replicated(service: Service, tasks: list[Task], nodes: dict[str, N
                          now: float, history_limit: int = 5) -> Plan:
     """Bring a replicated service's slots to its replica count, restarting what stopped."""
     plan = supervise(service, tasks, nodes, now, key=lambda t: (t.slot, ""))
-    current = _apply(tasks, plan)
+    current = apply_plan(tasks, plan)
     occupied = sorted({t.slot for t in current if t.desired_state in RUNNABLE})
     want = service.spec.replicas
     if len(occupied) < want:
@@ -162,7 +173,7 @@ def reconcile_replicated(service: Service, tasks: list[Task], nodes: dict[str, N
         for t in current:
             if t.slot in extra and t.desired_state in RUNNABLE:
                 _replace(plan, _with_desired(t, TaskState.REMOVE))
-    plan.extend(reap(_apply(tasks, plan), nodes, history_limit, key=lambda t: str(t.slot)))
+    plan.extend(reap(apply_plan(tasks, plan), nodes, history_limit, key=lambda t: str(t.slot)))
     return plan
 
 
@@ -175,7 +186,7 @@ def reconcile_global(service: Service, tasks: list[Task], nodes: dict[str, Node]
                      matches: Callable[[Node], bool], history_limit: int = 5) -> Plan:
     """One running task per eligible node; none on nodes that drained or stopped matching."""
     plan = supervise(service, tasks, nodes, now, key=lambda t: (0, t.node_id))
-    current = _apply(tasks, plan)
+    current = apply_plan(tasks, plan)
     covered: set[str] = set()
     for t in current:
         if t.desired_state not in RUNNABLE:
@@ -192,7 +203,7 @@ def reconcile_global(service: Service, tasks: list[Task], nodes: dict[str, Node]
                 and node.spec.availability is NodeAvailability.ACTIVE
                 and node.status.state is NodeState.READY):
             plan.create.append(new_task(service, node_id=node.id, now=now))
-    plan.extend(reap(_apply(tasks, plan), nodes, history_limit, key=lambda t: t.node_id))
+    plan.extend(reap(apply_plan(tasks, plan), nodes, history_limit, key=lambda t: t.node_id))
     return plan
 
 
