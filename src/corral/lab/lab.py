@@ -142,8 +142,18 @@ class Lab:
 
     def down(self) -> None:
         """Stop every daemon (and its tasks) and remove everything the lab made."""
+        if self.state_file.exists():
+            # Another process (`corral lab start`) may have restarted a node since we loaded.
+            try:
+                self.load()
+            except (OSError, ValueError, KeyError):
+                pass
         for n in self.nodes:
             self._terminate(n)
+        # Belt and braces: any daemon still running on one of this lab's data dirs.
+        for pid in _daemons_under(self.dir):
+            _killpg(pid, signal.SIGKILL)
+            _wait_gone(pid, 3.0)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- chaos ----------------------------------------------------------------------------
@@ -212,6 +222,25 @@ class Lab:
         else:
             # Tasks are stopped by the daemon; kill any straggler of its group.
             _killpg(n.pid, signal.SIGKILL)
+
+
+def _daemons_under(lab_dir: Path) -> list[int]:
+    """PIDs of corral daemons whose data dir lies in `lab_dir`."""
+    prefix = str(lab_dir.resolve()) + os.sep
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if "daemon" in args and "--data-dir" in args:
+            i = args.index("--data-dir")
+            if i + 1 < len(args) and str(Path(args[i + 1]).resolve()).startswith(prefix):
+                found.append(int(entry.name))
+    return found
 
 
 def _killpg(pid: int, sig: signal.Signals) -> None:
