@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORRAL := $(VENV)/bin/corral
 
-.PHONY: demo test unit integration typecheck install install-test clean
+.PHONY: demo test unit integration install install-test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,3 +33,6 @@ integration: install-test
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache
+
+bench: install
+	$(PY) bench/convergence.py

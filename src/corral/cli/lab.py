@@ -11,7 +11,7 @@ from corral.cli.context import print_table
 from corral.cli.parse import parse_duration
 from corral.lab.lab import DEFAULT_BASE_ADDR, Lab, pid_alive
 
-app = typer.Typer(no_args_is_help=True, help="Run a local lab swarm.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Run a local lab swarm.")
 
 LabDir = Annotated[Optional[Path], typer.Option("--dir", help="Lab directory (default $CORRAL_LAB_DIR or ~/.corral/lab)")]
 

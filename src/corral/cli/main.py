@@ -17,8 +17,8 @@ from corral.cli import service as service_cli
 from corral.cli import swarm as swarm_cli
 from corral.cli.context import State
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="corral: a Swarm-style orchestrator with a routing mesh.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+                  pretty_exceptions_enable=False, help="corral: a Swarm-style orchestrator with a routing mesh.")
 app.add_typer(swarm_cli.app, name="swarm")
 app.add_typer(node_cli.app, name="node")
 app.add_typer(service_cli.app, name="service")

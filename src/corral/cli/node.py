@@ -11,7 +11,7 @@ from corral.cli.context import client, echo_json, print_table
 from corral.cli.parse import parse_label
 from corral.cli.render import node_ls_rows, to_json_lines
 
-app = typer.Typer(no_args_is_help=True, help="Manage swarm nodes.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Manage swarm nodes.")
 
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only display IDs")]
 Format = Annotated[Optional[str], typer.Option("--format", help="json: one object per line")]

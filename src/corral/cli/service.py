@@ -33,7 +33,7 @@ from corral.cli.render import (
 )
 from corral.client import Client
 
-app = typer.Typer(no_args_is_help=True, help="Manage swarm services.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Manage swarm services.")
 
 # How long tasks must stay running before the progress display says "converged"
 # (docker waits for the update monitor period, 5 s by default).
@@ -103,8 +103,10 @@ def wait_converged(c: Client, service_id: str) -> None:
 @app.command(context_settings={"allow_interspersed_args": False})
 def create(
     ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="IMAGE: a built-in app (whoami) or an executable")],
-    command: Annotated[Optional[list[str]], typer.Argument(help="[COMMAND] [ARG...]")] = None,
+    image: Annotated[str, typer.Argument(metavar="IMAGE",
+                                         help="A built-in app (whoami) or an executable")],
+    command: Annotated[Optional[list[str]], typer.Argument(metavar="[COMMAND] [ARG...]",
+                                                           help="Command and arguments")] = None,
     name: Annotated[Optional[str], typer.Option(help="Service name")] = None,
     replicas: Annotated[Optional[int], typer.Option(help="Number of tasks")] = None,
     mode: Annotated[str, typer.Option(help="replicated or global")] = "replicated",

@@ -9,7 +9,7 @@ import typer
 from corral.cli.context import client
 from corral.cli.parse import parse_duration
 
-app = typer.Typer(no_args_is_help=True, help="Manage the swarm.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Manage the swarm.")
 
 
 def _join_hint(token: str, addr: str, role: str) -> str:
