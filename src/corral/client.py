@@ -34,11 +34,16 @@ class Client:
 
     def __init__(self, host: str | None = None, timeout: float = 15.0) -> None:
         self.host = resolve_host(host)
-        self._http = httpx.Client(base_url=f"http://{self.host}", timeout=timeout)
+        try:
+            self._http = httpx.Client(base_url=f"http://{self.host}", timeout=timeout)
+        except httpx.InvalidURL as exc:
+            raise DaemonUnreachable(f"invalid daemon address {self.host!r}: {exc}") from None
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         try:
             r = self._http.request(method, path, **kw)
+        except httpx.InvalidURL as exc:
+            raise DaemonUnreachable(f"invalid daemon address {self.host!r}: {exc}") from None
         except httpx.ConnectError:
             raise DaemonUnreachable(
                 f"Cannot connect to the corral daemon at {self.host}. Is the daemon running?"

@@ -15,28 +15,7 @@ import uvloop
 
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
 
-Scenario = Callable[[], Awaitable[None]]
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Scenario], None]]:
-    """Run a scenario on a fresh loop of the parametrized kind, with a deadline."""
-    factory = LOOPS[request.param]
-
-    def _run(scenario: Scenario) -> None:
-        async def bounded() -> None:
-            async with asyncio.timeout(15):
-                await scenario()
-
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(bounded())
-
-    yield _run
 
 
 def free_port() -> int:

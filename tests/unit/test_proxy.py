@@ -19,7 +19,6 @@ from corral.dataplane.proxy import (
     bind_error_message,
 )
 
-Scenario = Callable[[], Awaitable[None]]
 
 A, B, C = (Backend("127.0.0.1", p) for p in (1001, 1002, 1003))
 
@@ -64,26 +63,6 @@ def test_bind_error_message() -> None:
 
 # --- real sockets, on asyncio and uvloop -------------------------------------
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Scenario], None]]:
-    """Run a scenario on a fresh loop of the parametrized kind, with a deadline."""
-    factory = LOOPS[request.param]
-
-    def _run(scenario: Scenario) -> None:
-        async def bounded() -> None:
-            async with asyncio.timeout(10):
-                await scenario()
-
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(bounded())
-
-    yield _run
 
 
 async def _greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

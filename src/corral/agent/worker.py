@@ -97,6 +97,13 @@ class TaskRunner:
             self.report(TaskState.SHUTDOWN, "shutdown before start")
             return
         self.report(TaskState.ACCEPTED, "accepted")
+        # A replacement waiting out its restart delay is only prepared once the manager says
+        # run: preparing earlier would turn a task that is always rejected (no such image)
+        # into a hot loop that ignores the delay.
+        await self._until(lambda: self.task.desired_state is not TaskState.READY)
+        if self.stopping:
+            self.report(TaskState.SHUTDOWN, "shutdown before start")
+            return
         self.report(TaskState.PREPARING, "preparing")
         try:
             await self.ctl.prepare()
@@ -104,11 +111,6 @@ class TaskRunner:
             self.report(TaskState.REJECTED, "rejected", err=str(exc))
             return
         self.report(TaskState.READY, "prepared")
-        # A replacement waiting out its restart delay stays READY until the manager says run.
-        await self._until(lambda: self.task.desired_state is not TaskState.READY)
-        if self.stopping:
-            self.report(TaskState.SHUTDOWN, "shutdown before start")
-            return
         self.report(TaskState.STARTING, "starting")
         try:
             await self.ctl.start()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import secrets
 import time
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+# A bound that keeps one reconcile pass short; a bigger service is a bigger cluster's job.
+MAX_REPLICAS = 10_000
 
 
 def new_id(length: int = 25) -> str:
@@ -105,30 +108,30 @@ class RestartCondition(str, Enum):
 
 class RestartPolicy(Model):
     condition: RestartCondition = RestartCondition.ANY
-    delay: float = 5.0
-    max_attempts: int = Field(default=0, ge=0)  # 0 = unlimited
+    delay: float = Field(default=5.0, ge=0)
+    max_attempts: StrictInt = Field(default=0, ge=0)  # 0 = unlimited
 
 
 class PortConfig(Model):
     protocol: Literal["tcp", "udp"] = "tcp"
-    target_port: int = Field(ge=1, le=65535)
-    published_port: int = Field(ge=1, le=65535)
+    target_port: StrictInt = Field(ge=1, le=65535)
+    published_port: StrictInt = Field(ge=1, le=65535)
     publish_mode: Literal["ingress", "host"] = "ingress"
 
 
 class Placement(Model):
     constraints: list[str] = Field(default_factory=list)
-    max_replicas: int = Field(default=0, ge=0)  # per node; 0 = no limit
+    max_replicas: StrictInt = Field(default=0, ge=0)  # per node; 0 = no limit
 
 
 class ContainerSpec(Model):
     """What a task runs. With the process runtime, `image` names a built-in app or an executable."""
 
-    image: str
+    image: str = Field(min_length=1)
     command: list[str] = Field(default_factory=list)
     args: list[str] = Field(default_factory=list)
-    env: list[str] = Field(default_factory=list)  # "K=V"
-    stop_grace_period: float = 10.0
+    env: list[Annotated[str, Field(pattern=r"^[^=]+=")]] = Field(default_factory=list)  # "K=V"
+    stop_grace_period: float = Field(default=10.0, ge=0)
 
 
 class ServiceSpec(Model):
@@ -136,7 +139,7 @@ class ServiceSpec(Model):
     labels: dict[str, str] = Field(default_factory=dict)
     task: ContainerSpec
     mode: ServiceMode = ServiceMode.REPLICATED
-    replicas: int = Field(default=1, ge=0)
+    replicas: StrictInt = Field(default=1, ge=0, le=MAX_REPLICAS)
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
     placement: Placement = Field(default_factory=Placement)
     ports: list[PortConfig] = Field(default_factory=list)

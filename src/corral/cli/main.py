@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 
 from corral.api.errors import CorralError
 from corral.cli import lab as lab_cli
@@ -58,6 +59,14 @@ def main() -> None:
     """Console entry point: one-line errors, non-zero exit, never a traceback."""
     try:
         app(prog_name="corral")
+    except ValidationError as exc:
+        # Values the CLI passed through to an API type (a service name, say) and it refused.
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "value"
+        value = err.get("input")
+        shown = f" {value!r}" if isinstance(value, (str, int, float)) else ""
+        typer.echo(f"Error: invalid {where}{shown}: {err.get('msg', 'invalid')}", err=True)
+        sys.exit(1)
     except CorralError as exc:
         msg = exc.message
         typer.echo(msg if msg.startswith("Error") else f"Error: {msg}", err=True)

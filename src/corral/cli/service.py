@@ -9,6 +9,7 @@ import typer
 
 from corral.api.errors import InvalidArgument
 from corral.api.types import (
+    MAX_REPLICAS,
     ContainerSpec,
     Node,
     Placement,
@@ -126,8 +127,9 @@ def create(
     """Create a new service."""
     if mode not in ("replicated", "global"):
         raise InvalidArgument(f"invalid mode {mode!r}: expected replicated or global")
-    if replicas is not None and replicas < 0:
-        raise InvalidArgument(f"invalid replicas value {replicas}: must be a non-negative integer")
+    if replicas is not None and not 0 <= replicas <= MAX_REPLICAS:
+        raise InvalidArgument(f"invalid replicas value {replicas}: must be between 0 and "
+                              f"{MAX_REPLICAS}")
     if replicas is not None and mode == "global":
         raise InvalidArgument("replicas can only be used with replicated mode")
     if restart_condition not in ("any", "on-failure", "none"):

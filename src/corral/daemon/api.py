@@ -10,7 +10,7 @@ import httpx
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from corral import __version__
 from corral.api.errors import CorralError, Forbidden, NotFound
@@ -51,7 +51,7 @@ class TokenResponse(Model):
 
 
 class ScaleRequest(Model):
-    replicas: int
+    replicas: StrictInt
 
 
 class Heartbeat(Model):

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from corral.api.errors import Conflict, InvalidArgument, NotFound
 from corral.api.types import (
+    MAX_REPLICAS,
     Cluster,
     Model,
     Node,
@@ -249,8 +250,9 @@ class ControlAPI:
         return self.store.update(write)
 
     def scale(self, ref: str, replicas: int) -> Service:
-        if replicas < 0:
-            raise InvalidArgument(f"invalid replicas value {replicas}: must be a non-negative integer")
+        if replicas < 0 or replicas > MAX_REPLICAS:
+            raise InvalidArgument(f"invalid replicas value {replicas}: must be between 0 and "
+                                  f"{MAX_REPLICAS}")
         svc = self.service(ref)
         if svc.spec.mode is not ServiceMode.REPLICATED:
             raise InvalidArgument(f"{svc.spec.name}: scale can only be used with replicated mode")
