@@ -8,8 +8,9 @@ from typing import Any
 import httpx
 
 from corral.api.errors import CorralError
+from corral.api.types import API_PORT
 
-DEFAULT_HOST = "127.0.0.1:2377"
+DEFAULT_HOST = f"127.0.0.1:{API_PORT}"
 
 
 class DaemonError(CorralError):
@@ -25,7 +26,7 @@ def resolve_host(host: str | None) -> str:
     h = host or os.environ.get("CORRAL_HOST") or DEFAULT_HOST
     h = h.removeprefix("http://").removeprefix("tcp://").rstrip("/")
     if ":" not in h:
-        h = f"{h}:2377"
+        h = f"{h}:{API_PORT}"
     return h
 
 

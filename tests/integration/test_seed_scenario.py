@@ -166,3 +166,45 @@ def test_restart_condition_none_keeps_the_slot(tmp_path: Path, swarm: LabSwarm) 
     tasks = swarm.tasks("once")
     assert len(tasks) == 1 and tasks[0]["desired_state"] == "running", "no restart, slot kept"
     swarm.ok("service", "rm", "once")
+
+
+def test_ctrl_c_during_progress_leaves_the_operation_running(swarm: LabSwarm) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, CORRAL_HOST=swarm.manager)
+    # A task that can never be placed: the progress display would wait forever.
+    p = subprocess.Popen([sys.executable, "-m", "corral", "service", "create", "--name", "waiting",
+                          "--constraint", "node.labels.never==here", "whoami"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: "waiting" in swarm.ok("service", "ls").out, what="the service to exist")
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=10)
+    finally:
+        p.kill()
+    assert "Operation continuing in background." in out, (out, err)
+    assert "Traceback" not in out + err
+    (task,) = swarm.tasks("waiting")
+    assert task["status"]["state"] == "pending"
+    assert task["status"]["err"].startswith("no suitable node (scheduling constraints not satisfied")
+    # Making the constraint satisfiable lets the operation that kept running finish.
+    swarm.ok("node", "update", "--label-add", "never=here", "node1")
+    try:
+        wait_for(lambda: len(swarm.running("waiting")) == 1, what="the pending task to run")
+    finally:
+        swarm.ok("node", "update", "--label-rm", "never", "node1")
+        swarm.ok("service", "rm", "waiting")
+
+
+def test_lab_env_and_ps(swarm: LabSwarm) -> None:
+    assert swarm.ok("lab", "env", "node2").out.strip() == f"export CORRAL_HOST={swarm.addrs[1]}:2377"
+    rows = swarm.ok("lab", "ps").out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == ["node1", "node2", "node3"]
+    assert all(r.split()[3] == "running" for r in rows)
+    r = swarm.cli("lab", "env", "node9")
+    assert r.code == 1 and "no lab node node9" in r.err

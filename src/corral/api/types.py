@@ -19,6 +19,9 @@ _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 # A bound that keeps one reconcile pass short; a bigger service is a bigger cluster's job.
 MAX_REPLICAS = 10_000
 
+# Every daemon serves its API on this port (Swarm's manager port), on its node's address.
+API_PORT = 2377
+
 
 def new_id(length: int = 25) -> str:
     """A random lowercase base-36 ID, like swarmkit's (docker shows the first 12 characters)."""

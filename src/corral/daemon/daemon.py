@@ -17,7 +17,7 @@ from corral.agent.runtimes.process import ProcessExecutor
 from corral.agent.session import ManagerSession
 from corral.agent.worker import Agent
 from corral.api.errors import CorralError, InvalidArgument, NotInSwarm, NotManager
-from corral.api.types import Model, NodeRole
+from corral.api.types import API_PORT, Model, NodeRole
 from corral.daemon.state import NodeIdentity, forget_identity, load_identity, save_identity
 from corral.dataplane.feed import endpoints_to_mesh
 from corral.dataplane.ingress import IngressMesh
@@ -26,8 +26,6 @@ from corral.manager.dispatcher import Endpoint
 from corral.manager.manager import Manager
 
 log = logging.getLogger(__name__)
-
-API_PORT = 2377
 
 
 class SwarmInfo(Model):

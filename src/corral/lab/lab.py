@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from corral.api.errors import CorralError, InvalidArgument, NotFound
+from corral.api.types import API_PORT
 from corral.client import Client, DaemonUnreachable
 
 DEFAULT_BASE_ADDR = "127.0.0.11"
@@ -42,7 +43,7 @@ class LabNode:
 
     @property
     def host(self) -> str:
-        return f"{self.addr}:2377"
+        return f"{self.addr}:{API_PORT}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -116,8 +117,8 @@ class Lab:
         for i in range(count):
             addr = str(base + i)
             name = f"node{i + 1}"
-            if not port_free(addr, 2377):
-                raise InvalidArgument(f"{addr}:2377 is already in use: is another lab or daemon "
+            if not port_free(addr, API_PORT):
+                raise InvalidArgument(f"{addr}:{API_PORT} is already in use: is another lab or daemon "
                                       "running there?")
             d = self.dir / name
             self.nodes.append(LabNode(name=name, addr=addr, data_dir=str(d), log=str(d / "daemon.log")))

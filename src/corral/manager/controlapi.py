@@ -15,6 +15,7 @@ from pydantic import Field
 
 from corral.api.errors import Conflict, InvalidArgument, NotFound
 from corral.api.types import (
+    API_PORT,
     MAX_REPLICAS,
     Cluster,
     Model,
@@ -84,8 +85,7 @@ class NodeUpdate(Model):
     label_rm: list[str] = Field(default_factory=list)
 
 
-def resolve(objs: list[Node] | list[Service], ref: str, what: str,
-            name_of: object = None) -> Node | Service:
+def resolve(objs: list[Node] | list[Service], ref: str, what: str) -> Node | Service:
     """Find by full ID, by name, then by unique ID prefix — docker's lookup order."""
     def name(o: Node | Service) -> str:
         return o.description.hostname if isinstance(o, Node) else o.spec.name
@@ -229,6 +229,8 @@ class ControlAPI:
             raise InvalidArgument("replicas can only be used with replicated mode")
         seen: set[tuple[str, int]] = set()
         for p in spec.ports:
+            if p.published_port == API_PORT and p.protocol == "tcp":
+                raise InvalidArgument(f"port {API_PORT} is reserved for the corral API on every node")
             key = (p.protocol, p.published_port)
             if key in seen:
                 raise InvalidArgument(f"duplicate published port {p.published_port}/{p.protocol}")
