@@ -22,6 +22,7 @@ demo: install
 	$(PY) -m corral.lab.demo
 
 test: install-test
+	./scripts/system-deps.sh
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
@@ -29,6 +30,7 @@ unit: install-test
 	$(PY) -m pytest -q tests/unit
 
 integration: install-test
+	./scripts/system-deps.sh
 	$(PY) -m pytest -q tests/integration
 
 clean:

@@ -76,7 +76,7 @@ NODES = {n.id: n for n in (mk_node(1), mk_node(2, NodeState.DOWN),
         (S.RUNNING, S.ASSIGNED, 4000, "n1", False),
         (S.RUNNING, S.FAILED, 4000, "n1", False),
         (S.RUNNING, S.COMPLETE, 4000, "n1", False),
-        (S.RUNNING, S.RUNNING, 0, "n1", False),
+        (S.RUNNING, S.RUNNING, 0, "n1", True),  # a netns task: the target port of its address
         (S.RUNNING, S.RUNNING, 4000, "n2", False),  # down
         (S.RUNNING, S.RUNNING, 4000, "n3", False),  # disconnected
         (S.RUNNING, S.RUNNING, 4000, "n4", False),  # unknown
@@ -88,6 +88,18 @@ def test_routable(desired: TaskState, state: TaskState, port: int, node: str,
                   expected: bool) -> None:
     t = mk_task("t", WEB, node=node, desired=desired, state=state, port=port)
     assert routable(t, NODES) is expected
+
+
+def test_task_without_an_address_is_not_routable() -> None:
+    t = mk_task("t", WEB)
+    t = t.model_copy(update={"status": t.status.model_copy(update={"addr": ""})})
+    assert routable(t, NODES) is False
+
+
+def test_netns_backends_use_the_target_port() -> None:
+    t = mk_task("t", WEB, port=0)
+    (ep,) = ingress_endpoints([WEB], [t], NODES)
+    assert ep.backends == [("10.0.0.1", 80, "t")]
 
 
 def test_ingress_endpoints() -> None:

@@ -152,8 +152,10 @@ class Agent:
 
     def __init__(self, session: ManagerSession, executor: Executor,
                  apply_endpoints: Callable[[list[Endpoint]], Awaitable[None]],
-                 advertise_addr: str = "") -> None:
+                 advertise_addr: str = "",
+                 apply_networks: Callable[[Assignments], Awaitable[None]] | None = None) -> None:
         self.session = session
+        self.apply_networks = apply_networks
         self.advertise_addr = advertise_addr
         self.executor = executor
         self.apply_endpoints = apply_endpoints
@@ -225,6 +227,12 @@ class Agent:
 
     async def apply(self, a: Assignments) -> None:
         """Reconcile local task runners and the mesh with a fresh set of assignments."""
+        if self.apply_networks is not None:
+            # Networks first: a task about to be prepared needs its bridge to exist.
+            try:
+                await self.apply_networks(a)
+            except Exception:
+                log.exception("applying network state failed; will retry on the next change")
         seen = set()
         for t in a.tasks:
             seen.add(t.id)

@@ -74,6 +74,17 @@ class NodeDescription(Model):
     engine_version: str = ""
 
 
+class NetworkAttachment(Model):
+    """An address on an overlay network (a task's, a node's, or a service's VIP)."""
+
+    network_id: str
+    addr: str  # CIDR form, e.g. "10.0.0.5/24"
+
+    @property
+    def ip(self) -> str:
+        return self.addr.split("/")[0]
+
+
 class NodeStatus(Model):
     state: NodeState = NodeState.UNKNOWN
     message: str = ""
@@ -89,6 +100,8 @@ class Node(Model):
     status: NodeStatus = Field(default_factory=NodeStatus)
     # sha256 of the node's session secret; the secret itself never leaves the node.
     secret_digest: str = ""
+    # The node's own address on each overlay network (its bridge; also the mesh's source).
+    attachments: list[NetworkAttachment] = Field(default_factory=list)
 
     @property
     def hostname(self) -> str:
@@ -146,6 +159,9 @@ class ServiceSpec(Model):
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
     placement: Placement = Field(default_factory=Placement)
     ports: list[PortConfig] = Field(default_factory=list)
+    # Overlay networks by name or ID (resolved to IDs when the service is created).
+    networks: list[str] = Field(default_factory=list)
+    endpoint_mode: Literal["vip", "dnsrr"] = "vip"
 
 
 class Service(Model):
@@ -156,6 +172,8 @@ class Service(Model):
     spec: ServiceSpec
     # Bumped on every spec change; tasks remember the spec generation they were made from.
     spec_version: int = 1
+    # One virtual IP per attached network (endpoint mode vip), given by the allocator.
+    vips: list[NetworkAttachment] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -242,6 +260,8 @@ class Task(Model):
     attempt: int = 0
     # Published ports of the service, copied so agents and the mesh need no service lookup.
     ports: list[PortConfig] = Field(default_factory=list)
+    # The task's addresses on its networks, given by the allocator before scheduling.
+    networks: list[NetworkAttachment] = Field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -249,6 +269,27 @@ class Task(Model):
         if self.slot:
             return f"{self.service_name}.{self.slot}"
         return f"{self.service_name}.{self.node_id}"
+
+
+# --------------------------------------------------------------------------- networks
+
+
+class NetworkSpec(Model):
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+    driver: Literal["overlay"] = "overlay"
+    subnet: str
+    attachable: bool = False
+    ingress: bool = False  # the routing mesh's network, made by `swarm init`
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Network(Model):
+    id: str
+    version: int = 0
+    created_at: float = Field(default_factory=now)
+    spec: NetworkSpec
+    vni: int  # VXLAN network identifier
+    gateway: str = ""  # first host address, reserved (docker shows it as the gateway)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -269,4 +310,4 @@ class Cluster(Model):
     task_history_limit: int = 5
 
 
-StoredObject = Node | Service | Task | Cluster
+StoredObject = Node | Service | Task | Cluster | Network

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from corral.api.errors import CorralError
 from corral.cli import lab as lab_cli
+from corral.cli import network as network_cli
 from corral.cli import node as node_cli
 from corral.cli import service as service_cli
 from corral.cli import swarm as swarm_cli
@@ -23,6 +24,7 @@ app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=Fa
 app.add_typer(swarm_cli.app, name="swarm")
 app.add_typer(node_cli.app, name="node")
 app.add_typer(service_cli.app, name="service")
+app.add_typer(network_cli.app, name="network")
 app.add_typer(lab_cli.app, name="lab")
 
 
@@ -41,11 +43,20 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
            port: Annotated[int, typer.Option(help="API port")] = 2377,
            advertise_addr: Annotated[Optional[str], typer.Option(
                help="Address other nodes reach this one at (required with --addr 0.0.0.0)")] = None,
+           runtime: Annotated[str, typer.Option(
+               help="Task runtime: process, netns (own network namespace per task; root) "
+                    "or auto (netns when root)")] = "process",
+           task_netns_prefix: Annotated[str, typer.Option(
+               help="Name prefix of the task network namespaces this daemon makes")] = "corral-t-",
            ) -> None:
     """Run a node's daemon in the foreground."""
+    from corral.daemon.config import DaemonConfig
     from corral.daemon.run import run_daemon  # heavy imports only for the daemon
-    data = data_dir or Path.home() / ".corral" / f"daemon-{addr}"
-    raise typer.Exit(run_daemon(addr, data, hostname or socket.gethostname(), port, advertise_addr))
+    config = DaemonConfig(
+        addr=addr, data_dir=data_dir or Path.home() / ".corral" / f"daemon-{addr}",
+        hostname=hostname or socket.gethostname(), api_port=port, advertise_addr=advertise_addr,
+        runtime=DaemonConfig.parse_runtime(runtime), task_netns_prefix=task_netns_prefix)
+    raise typer.Exit(run_daemon(config))
 
 
 @app.command()

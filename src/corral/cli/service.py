@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Annotated, Optional
 
@@ -117,6 +118,8 @@ def create(
     label: Annotated[Optional[list[str]], typer.Option("-l", "--label", help="Service label")] = None,
     constraint: Annotated[Optional[list[str]], typer.Option(help="Placement constraint")] = None,
     replicas_max_per_node: Annotated[int, typer.Option(help="Maximum tasks per node (0 = unlimited)")] = 0,
+    network: Annotated[Optional[list[str]], typer.Option(help="Attach to an overlay network")] = None,
+    endpoint_mode: Annotated[str, typer.Option(help="vip or dnsrr")] = "vip",
     restart_condition: Annotated[str, typer.Option(help="any, on-failure or none")] = "any",
     restart_delay: Annotated[str, typer.Option(help="Delay between restart attempts")] = "5s",
     restart_max_attempts: Annotated[int, typer.Option(help="Maximum restarts (0 = unlimited)")] = 0,
@@ -132,6 +135,8 @@ def create(
                               f"{MAX_REPLICAS}")
     if replicas is not None and mode == "global":
         raise InvalidArgument("replicas can only be used with replicated mode")
+    if endpoint_mode not in ("vip", "dnsrr"):
+        raise InvalidArgument(f"invalid endpoint mode {endpoint_mode!r}: expected vip or dnsrr")
     if restart_condition not in ("any", "on-failure", "none"):
         raise InvalidArgument(f"invalid restart condition {restart_condition!r}: "
                               "expected any, on-failure or none")
@@ -155,6 +160,8 @@ def create(
                                      max_attempts=restart_max_attempts),
         placement=Placement(constraints=constraint or [], max_replicas=replicas_max_per_node),
         ports=ports,
+        networks=network or [],
+        endpoint_mode="dnsrr" if endpoint_mode == "dnsrr" else "vip",
     )
     c = client(ctx)
     svc = Service.model_validate(c.post("/v1/services", spec.model_dump(mode="json")))
@@ -246,6 +253,28 @@ def rm(ctx: typer.Context, services: Annotated[list[str], typer.Argument(help="S
     for s in services:
         c.delete(f"/v1/services/{s}")
         typer.echo(s)
+
+
+@app.command(name="exec", context_settings={"allow_interspersed_args": False})
+def exec_(ctx: typer.Context,
+          target: Annotated[str, typer.Argument(metavar="SERVICE[.SLOT]",
+                                                help="A service, or one of its tasks by slot")],
+          cmd: Annotated[list[str], typer.Argument(metavar="COMMAND [ARG...]")]) -> None:
+    """Run a command inside a running task (its network namespace with the netns runtime)."""
+    c = client(ctx)
+    service, _, slot = target.rpartition(".") if target.rpartition(".")[2].isdigit() else (target, "", "")
+    tasks = [t for t in _tasks(c, service) if t.desired_state is TaskState.RUNNING
+             and t.status.state is TaskState.RUNNING and (not slot or t.slot == int(slot))]
+    if not tasks:
+        raise InvalidArgument(f"no running task for {target}")
+    task = sorted(tasks, key=lambda t: t.slot)[0]
+    node = _nodes(c).get(task.node_id)
+    if node is None:
+        raise InvalidArgument(f"the node of task {task.name} is gone")
+    r = Client(f"{node.description.addr}").post(f"/v1/local/tasks/{task.id}/exec", {"cmd": cmd})
+    sys.stdout.write(r["stdout"])
+    sys.stderr.write(r["stderr"])
+    raise typer.Exit(r["exit_code"])
 
 
 @app.command()

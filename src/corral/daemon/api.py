@@ -14,7 +14,16 @@ from pydantic import Field, StrictInt
 
 from corral import __version__
 from corral.api.errors import CorralError, Forbidden, NotFound
-from corral.api.types import Model, Node, NodeRole, Service, ServiceSpec, Task
+from corral.api.types import (
+    Model,
+    Network,
+    NetworkSpec,
+    Node,
+    NodeRole,
+    Service,
+    ServiceSpec,
+    Task,
+)
 from corral.daemon.daemon import Daemon, Info
 from corral.manager.controlapi import JoinRequest, JoinResponse, NodeUpdate
 from corral.manager.dispatcher import Assignments, StatusUpdate
@@ -56,6 +65,17 @@ class ScaleRequest(Model):
 
 class Heartbeat(Model):
     period: float
+
+
+class ExecRequest(Model):
+    cmd: list[str] = Field(min_length=1)
+    timeout: float = Field(default=30.0, gt=0, le=600)
+
+
+class ExecResult(Model):
+    exit_code: int
+    stdout: str
+    stderr: str
 
 
 class LogLine(Model):
@@ -144,6 +164,11 @@ def make_app(daemon: Daemon) -> FastAPI:
             raise NotFound(f"no logs for task {task_id} on this node")
         return lines
 
+    @app.post("/v1/local/tasks/{task_id}/exec")
+    async def local_exec(task_id: str, req: ExecRequest) -> ExecResult:
+        code, out, err = await daemon.exec_in_task(task_id, req.cmd, req.timeout)
+        return ExecResult(exit_code=code, stdout=out, stderr=err)
+
     # -- the swarm (manager only) ---------------------------------------------------------------
     @app.post("/v1/swarm/nodes")
     async def admit_node(req: JoinRequest, mgr: Mgr) -> JoinResponse:
@@ -171,6 +196,22 @@ def make_app(daemon: Daemon) -> FastAPI:
     async def remove_node(ref: str, mgr: Mgr, force: bool = False) -> dict[str, str]:
         mgr.control.remove_node(ref, force)
         return {}
+
+    @app.get("/v1/networks")
+    async def networks(mgr: Mgr) -> list[Network]:
+        return mgr.control.networks()
+
+    @app.post("/v1/networks")
+    async def create_network(spec: NetworkSpec, mgr: Mgr) -> Network:
+        return mgr.control.create_network(spec)
+
+    @app.get("/v1/networks/{ref}")
+    async def network(ref: str, mgr: Mgr) -> Network:
+        return mgr.control.network(ref)
+
+    @app.delete("/v1/networks/{ref}")
+    async def remove_network(ref: str, mgr: Mgr) -> Network:
+        return mgr.control.remove_network(ref)
 
     @app.get("/v1/services")
     async def services(mgr: Mgr) -> list[Service]:

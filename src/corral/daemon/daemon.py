@@ -15,14 +15,16 @@ from corral import __version__
 from corral.agent.exec import TaskEnv
 from corral.agent.runtimes.process import ProcessExecutor
 from corral.agent.session import ManagerSession
+from corral.agent.overlay import NodeOverlay
 from corral.agent.worker import Agent
-from corral.api.errors import CorralError, InvalidArgument, NotInSwarm, NotManager
-from corral.api.types import API_PORT, Model, NodeRole
+from corral.api.errors import CorralError, InvalidArgument, NotFound, NotInSwarm, NotManager
+from corral.api.types import API_PORT, Model, NodeRole, TaskState
+from corral.daemon.config import DaemonConfig
 from corral.daemon.state import NodeIdentity, forget_identity, load_identity, save_identity
 from corral.dataplane.feed import endpoints_to_mesh
 from corral.dataplane.ingress import IngressMesh
 from corral.manager.controlapi import JoinRequest, JoinResponse
-from corral.manager.dispatcher import Endpoint
+from corral.manager.dispatcher import Assignments, Endpoint
 from corral.manager.manager import Manager
 
 log = logging.getLogger(__name__)
@@ -53,18 +55,17 @@ class Info(Model):
 class Daemon:
     """Everything one node runs, wired together."""
 
-    def __init__(self, addr: str, data_dir: Path, hostname: str, api_port: int = API_PORT,
-                 advertise_addr: str | None = None) -> None:
-        self.addr = addr
-        # The address other nodes reach this one at: the bind address unless that is a
-        # wildcard (0.0.0.0 on a real host), where it must be given.
-        if advertise_addr is None and addr in ("0.0.0.0", "::", ""):
-            raise InvalidArgument(f"--advertise-addr is required when --addr is {addr or 'empty'}")
-        self.advertise = advertise_addr or addr
-        self.data_dir = data_dir
-        self.hostname = hostname
-        self.api_port = api_port
-        self.mesh = IngressMesh(addr)
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.addr = config.addr
+        self.advertise = config.advertise
+        self.data_dir = config.data_dir
+        self.hostname = config.hostname
+        self.api_port = config.api_port
+        # With task namespaces the mesh reaches tasks over the ingress overlay: let the kernel
+        # pick the node's address there as the source instead of the node's own address.
+        self.mesh = IngressMesh(config.addr, bind_source=config.runtime == "process")
+        self.overlay: NodeOverlay | None = None
         self.mesh_errors: dict[str, str] = {}
         self.identity: NodeIdentity | None = None
         self.manager: Manager | None = None
@@ -82,6 +83,9 @@ class Daemon:
         """Clean up after a crash, then resume the swarm membership saved on disk."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         killed = ProcessExecutor(self.data_dir, TaskEnv(self.hostname, "", self.addr)).cleanup_orphans()
+        if self.config.runtime == "netns":
+            from corral.agent.runtimes.netns import sweep_namespaces
+            sweep_namespaces(self.config.task_netns_prefix)
         if killed:
             log.warning("killed %d task processes left by a previous run", len(killed))
         self.identity = load_identity(self.data_dir)
@@ -99,9 +103,26 @@ class Daemon:
         await self.mesh.close()
 
     def _start_agent(self, ident: NodeIdentity) -> None:
-        self.executor = ProcessExecutor(self.data_dir, TaskEnv(self.hostname, ident.node_id, self.addr))
+        env = TaskEnv(self.hostname, ident.node_id, self.addr)
+        apply_networks = None
+        if self.config.runtime == "netns":
+            from corral.agent.overlay import NodeOverlay
+            from corral.agent.runtimes.netns import NetnsExecutor
+            from corral.dataplane.dns import DnsServer, upstreams_from_resolv_conf
+            from corral.host.netlink import Netlink
+            self.overlay = NodeOverlay(Netlink(), self.advertise,
+                                       DnsServer(upstreams_from_resolv_conf()))
+            self.executor = NetnsExecutor(self.data_dir, env, self.overlay.host, self.overlay,
+                                          self.config.task_netns_prefix)
+            overlay = self.overlay
+
+            async def apply_networks(a: Assignments) -> None:
+                await overlay.apply(a.networks, a.services)
+        else:
+            self.executor = ProcessExecutor(self.data_dir, env)
         session = ManagerSession(ident.manager_addr, ident.node_id, ident.secret)
-        self.agent = Agent(session, self.executor, self._apply_endpoints, self.advertise)
+        self.agent = Agent(session, self.executor, self._apply_endpoints, self.advertise,
+                           apply_networks)
         self._agent_task = asyncio.create_task(self.agent.run(), name="agent")
 
     async def _stop_agent(self) -> None:
@@ -116,12 +137,38 @@ class Daemon:
             await self.agent.session.close()
             self.agent = None
         await self.mesh.apply({})
+        if self.overlay is not None:
+            await self.overlay.close()
+            self.overlay = None
 
     async def _apply_endpoints(self, endpoints: list[Endpoint]) -> None:
         errors = await self.mesh.apply(endpoints_to_mesh(endpoints))
         self.mesh_errors = {f"{p.port}/{p.protocol}": e for p, e in errors.items()}
         for port, err in self.mesh_errors.items():
             log.error("cannot publish %s on %s: %s", port, self.addr, err)
+
+    async def exec_in_task(self, task_id: str, cmd: list[str], timeout: float) -> tuple[int, str, str]:
+        """Run a command where a running task runs (its namespace, with the netns runtime)."""
+        runner = self.agent.runners.get(task_id) if self.agent else None
+        if runner is None or runner.state is not TaskState.RUNNING:
+            raise NotFound(f"task {task_id} is not running on this node")
+        argv = list(cmd)
+        netns = getattr(runner.ctl, "netns", None)
+        if isinstance(netns, str):
+            argv = ["ip", "netns", "exec", netns, *argv]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot run {cmd[0]}: {exc.strerror or exc}") from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise InvalidArgument(f"command timed out after {timeout:g}s") from None
+        return (proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
 
     # -- what the API needs --------------------------------------------------------------
     def info(self) -> Info:

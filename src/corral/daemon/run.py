@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
-
 import uvicorn
 import uvloop
 
 from corral.daemon.api import make_app
+from corral.daemon.config import DaemonConfig
 from corral.daemon.daemon import Daemon
 
 
@@ -28,10 +27,8 @@ async def serve(daemon: Daemon) -> int:
     return 0 if server.started else 1
 
 
-def run_daemon(addr: str, data_dir: Path, hostname: str, api_port: int,
-               advertise_addr: str | None = None) -> int:
+def run_daemon(config: DaemonConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    daemon = Daemon(addr, data_dir, hostname, api_port, advertise_addr)
-    return uvloop.run(serve(daemon))
+    return uvloop.run(serve(Daemon(config)))

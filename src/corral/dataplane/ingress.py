@@ -59,9 +59,15 @@ class _TcpListener:
 class IngressMesh:
     """The node's userspace routing mesh."""
 
-    def __init__(self, listen_addr: str, *, connect_timeout: float = 2.0) -> None:
-        """Configure the mesh; nothing is bound until :meth:`apply`."""
+    def __init__(self, listen_addr: str, *, connect_timeout: float = 2.0,
+                 bind_source: bool = True) -> None:
+        """Configure the mesh; nothing is bound until :meth:`apply`.
+
+        With `bind_source`, upstream connections leave from `listen_addr`; without it the
+        kernel picks the source (on an overlay: the node's own address on that network).
+        """
         self._listen_addr = listen_addr
+        self._bind_source = bind_source
         self._connect_timeout = connect_timeout
         self._listeners: dict[PublishedPort, _TcpListener] = {}
         # Stats outlive listeners so counters stay monotonic if a port is
@@ -99,7 +105,8 @@ class IngressMesh:
         if pp.protocol != "tcp":
             return f"unsupported protocol {pp.protocol!r}"
         stats = self._stats.setdefault(pp, PortStats())
-        source = None if self._listen_addr in ("", "0.0.0.0", "::") else self._listen_addr
+        source = (self._listen_addr if self._bind_source
+                  and self._listen_addr not in ("", "0.0.0.0", "::") else None)
         route = Route(stats, self._conns, self._connect_timeout, source)
         # Backends are set before the first accept can happen.
         route.set_backends(backends)

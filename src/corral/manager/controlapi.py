@@ -19,6 +19,8 @@ from corral.api.types import (
     MAX_REPLICAS,
     Cluster,
     Model,
+    Network,
+    NetworkSpec,
     Node,
     NodeAvailability,
     NodeDescription,
@@ -35,9 +37,12 @@ from corral.api.types import (
 )
 from corral.manager.constraints import parse_constraints
 from corral.manager.dispatcher import new_node_secret, secret_digest
+from corral.manager.ipam import check_overlap, gateway_of, parse_subnet
 from corral.store.base import ReadTx, Store, WriteTx
 
 TOKEN_PREFIX = "SWMTKN-1"
+INGRESS_SUBNET = "10.0.0.0/24"  # docker's default ingress subnet
+FIRST_VNI = 4096
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -85,9 +90,12 @@ class NodeUpdate(Model):
     label_rm: list[str] = Field(default_factory=list)
 
 
-def resolve(objs: list[Node] | list[Service], ref: str, what: str) -> Node | Service:
+Named = Node | Service | Network
+
+
+def resolve(objs: list[Node] | list[Service] | list[Network], ref: str, what: str) -> Named:
     """Find by full ID, by name, then by unique ID prefix — docker's lookup order."""
-    def name(o: Node | Service) -> str:
+    def name(o: Named) -> str:
         return o.description.hostname if isinstance(o, Node) else o.spec.name
     for o in objs:
         if o.id == ref:
@@ -123,9 +131,15 @@ class ControlAPI:
         cluster = Cluster(root_digest=new_root_digest(), worker_secret=new_join_secret(),
                           manager_secret=new_join_secret(), heartbeat_period=heartbeat_period)
 
+        # Swarm's default ingress network: the routing mesh's overlay (used by netns tasks).
+        ingress = Network(id=new_id(), spec=NetworkSpec(name="ingress", subnet=INGRESS_SUBNET,
+                                                        ingress=True),
+                          vni=FIRST_VNI, gateway=gateway_of(INGRESS_SUBNET))
+
         def write(tx: WriteTx) -> None:
             tx.create(cluster)
             tx.create(node)
+            tx.create(ingress)
         self.store.update(write)
         return JoinResponse(node_id=node.id, secret=secret, role=NodeRole.MANAGER,
                             heartbeat_period=heartbeat_period)
@@ -223,8 +237,66 @@ class ControlAPI:
         assert isinstance(found, Service)
         return found
 
+    # -- networks ------------------------------------------------------------------------
+    def networks(self) -> list[Network]:
+        return self.store.view().all(Network)
+
+    def network(self, ref: str) -> Network:
+        found = resolve(self.networks(), ref, "network")
+        assert isinstance(found, Network)
+        return found
+
+    def create_network(self, spec: NetworkSpec) -> Network:
+        if spec.ingress:
+            raise InvalidArgument("the ingress network is made by `swarm init`; there is only one")
+        subnet = parse_subnet(spec.subnet)
+
+        def write(tx: WriteTx) -> Network:
+            nets = tx.all(Network)
+            if any(n.spec.name == spec.name for n in nets):
+                raise Conflict(f"network with name {spec.name} already exists")
+            check_overlap(subnet, nets)
+            vni = max((n.vni for n in nets), default=FIRST_VNI - 1) + 1
+            return tx.create(Network(id=new_id(), spec=spec.model_copy(update={"subnet": str(subnet)}),
+                                     vni=vni, gateway=gateway_of(str(subnet))))
+        return self.store.update(write)
+
+    def remove_network(self, ref: str) -> Network:
+        net = self.network(ref)
+
+        def write(tx: WriteTx) -> None:
+            users = [s.spec.name for s in tx.all(Service) if net.id in s.spec.networks
+                     or (net.spec.ingress and any(p.publish_mode == "ingress" for p in s.spec.ports))]
+            if users:
+                raise Conflict(f"network {net.spec.name} is in use by service {', '.join(sorted(users))}")
+            if any(a.network_id == net.id for t in tx.all(Task) for a in t.networks
+                   if not t.status.state.terminal):
+                raise Conflict(f"network {net.spec.name} still has tasks attached; retry shortly")
+            tx.delete(Network, net.id)
+            for n in tx.all(Node):  # give the nodes' addresses back
+                if any(a.network_id == net.id for a in n.attachments):
+                    tx.update(n.model_copy(update={
+                        "attachments": [a for a in n.attachments if a.network_id != net.id]}))
+        self.store.update(write)
+        return net
+
+    def _resolve_networks(self, spec: ServiceSpec, view: ReadTx) -> ServiceSpec:
+        """The spec with network names turned into IDs (refusing unknown and ingress)."""
+        ids: list[str] = []
+        for ref in spec.networks:
+            found = resolve(view.all(Network), ref, "network")
+            assert isinstance(found, Network)
+            if found.spec.ingress:
+                raise InvalidArgument("the ingress network is attached by publishing a port "
+                                      "(-p), not with --network")
+            if found.id not in ids:
+                ids.append(found.id)
+        return spec.model_copy(update={"networks": ids})
+
     def _validate(self, spec: ServiceSpec, view: ReadTx, own_id: str = "") -> None:
         parse_constraints(spec.placement.constraints)
+        if spec.endpoint_mode == "dnsrr" and any(p.publish_mode == "ingress" for p in spec.ports):
+            raise InvalidArgument("port published with ingress mode can't be used with dnsrr mode")
         if spec.mode is ServiceMode.GLOBAL and spec.replicas not in (0, 1):
             raise InvalidArgument("replicas can only be used with replicated mode")
         seen: set[tuple[str, int]] = set()
@@ -247,8 +319,9 @@ class ControlAPI:
 
     def create_service(self, spec: ServiceSpec) -> Service:
         def write(tx: WriteTx) -> Service:
-            self._validate(spec, tx)
-            return tx.create(Service(id=new_id(), spec=spec))
+            resolved = self._resolve_networks(spec, tx)
+            self._validate(resolved, tx)
+            return tx.create(Service(id=new_id(), spec=resolved))
         return self.store.update(write)
 
     def scale(self, ref: str, replicas: int) -> Service:

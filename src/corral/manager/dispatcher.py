@@ -23,6 +23,7 @@ from pydantic import Field
 from corral.api.errors import Forbidden
 from corral.api.types import (
     Model,
+    Network,
     Node,
     NodeState,
     NodeStatus,
@@ -59,6 +60,31 @@ class Endpoint(Model):
     backends: list[tuple[str, int, str]] = Field(default_factory=list)  # (addr, port, task id)
 
 
+class NetworkInfo(Model):
+    """An overlay network as one node must program it."""
+
+    network: Network
+    node_addr: str = ""  # this node's address on it (CIDR), once allocated
+    # (overlay ip, underlay node address) of everything on other nodes: tasks and node bridges
+    peers: list[tuple[str, str]] = Field(default_factory=list)
+
+
+class TaskEndpoint(Model):
+    """A running task as service discovery sees it."""
+
+    name: str
+    ips: dict[str, str]  # network id -> ip
+
+
+class ServiceEndpoint(Model):
+    """A service as its VIPs and DNS see it: virtual IPs and the tasks behind them."""
+
+    name: str
+    endpoint_mode: str
+    vips: dict[str, str]  # network id -> vip
+    tasks: list[TaskEndpoint]
+
+
 class Assignments(Model):
     """What an agent should run, and what its mesh should route, as of `version`."""
 
@@ -67,6 +93,8 @@ class Assignments(Model):
     tasks: list[Task]
     endpoints: list[Endpoint]
     heartbeat_period: float
+    networks: list[NetworkInfo] = Field(default_factory=list)
+    services: list[ServiceEndpoint] = Field(default_factory=list)
 
 
 def secret_digest(secret: str) -> str:
@@ -185,17 +213,58 @@ class Dispatcher:
     def assignments(self, node_id: str) -> Assignments:
         view = self.store.view()
         tasks = [t for t in view.tasks_of_node(node_id) if t.status.state >= TaskState.ASSIGNED]
+        nodes = {n.id: n for n in view.all(Node)}
+        all_tasks = view.all(Task)
+        services = view.all(Service)
         return Assignments(version=self.version, node_id=node_id, tasks=tasks,
-                           endpoints=ingress_endpoints(view.all(Service), view.all(Task),
-                                                       {n.id: n for n in view.all(Node)}),
-                           heartbeat_period=self.period)
+                           endpoints=ingress_endpoints(services, all_tasks, nodes),
+                           heartbeat_period=self.period,
+                           networks=network_infos(node_id, view.all(Network), nodes, all_tasks),
+                           services=service_endpoints(services, all_tasks, nodes))
 
 
 def routable(task: Task, nodes: dict[str, Node]) -> bool:
     """A task the mesh may send new connections to: running, meant to run, on a live node."""
     node = nodes.get(task.node_id)
     return (task.desired_state is TaskState.RUNNING and task.status.state is TaskState.RUNNING
-            and task.status.port > 0 and node is not None and node.status.state is NodeState.READY)
+            and bool(task.status.addr) and node is not None
+            and node.status.state is NodeState.READY)
+
+
+def network_infos(node_id: str, networks: list[Network], nodes: dict[str, Node],
+                  tasks: list[Task]) -> list[NetworkInfo]:
+    """Each network with this node's address on it and where every remote address lives."""
+    me = nodes.get(node_id)
+    out = []
+    for net in sorted(networks, key=lambda n: n.vni):
+        peers: list[tuple[str, str]] = []
+        for n in nodes.values():
+            if n.id != node_id and n.status.state is not NodeState.DOWN:
+                peers += [(a.ip, n.description.addr) for a in n.attachments if a.network_id == net.id]
+        for t in tasks:
+            node = nodes.get(t.node_id)
+            if (node is None or t.node_id == node_id or t.status.state.terminal
+                    or node.status.state is NodeState.DOWN):
+                continue
+            peers += [(a.ip, node.description.addr) for a in t.networks if a.network_id == net.id]
+        mine = next((a.addr for a in (me.attachments if me else []) if a.network_id == net.id), "")
+        out.append(NetworkInfo(network=net, node_addr=mine, peers=sorted(peers)))
+    return out
+
+
+def service_endpoints(services: list[Service], tasks: list[Task],
+                      nodes: dict[str, Node]) -> list[ServiceEndpoint]:
+    """Every service with its VIPs and routable tasks (what VIP rules and DNS need)."""
+    by_service: dict[str, list[Task]] = {}
+    for t in tasks:
+        if routable(t, nodes):
+            by_service.setdefault(t.service_id, []).append(t)
+    return [ServiceEndpoint(
+        name=s.spec.name, endpoint_mode=s.spec.endpoint_mode,
+        vips={a.network_id: a.ip for a in s.vips},
+        tasks=[TaskEndpoint(name=t.name, ips={a.network_id: a.ip for a in t.networks})
+               for t in sorted(by_service.get(s.id, []), key=lambda t: (t.slot, t.id))])
+        for s in sorted(services, key=lambda s: s.spec.name)]
 
 
 def ingress_endpoints(services: list[Service], tasks: list[Task],
@@ -207,9 +276,11 @@ def ingress_endpoints(services: list[Service], tasks: list[Task],
             by_service.setdefault(t.service_id, []).append(t)
     out = []
     for svc in sorted(services, key=lambda s: s.spec.name):
-        backends = sorted(((t.status.addr, t.status.port, t.id) for t in by_service.get(svc.id, [])),
-                          key=lambda b: b[2])
+        running = sorted(by_service.get(svc.id, []), key=lambda t: t.id)
         for p in svc.spec.ports:
             if p.publish_mode == "ingress":
+                # A process task listens on its own port; a netns task, like a container, on
+                # the target port of its own address (it reports port 0).
+                backends = [(t.status.addr, t.status.port or p.target_port, t.id) for t in running]
                 out.append(Endpoint(service_name=svc.spec.name, port=p, backends=backends))
     return out

@@ -16,9 +16,9 @@ from enum import Enum
 from typing import TypeVar
 
 from corral.api.errors import Conflict, NotFound, SequenceConflict
-from corral.api.types import Cluster, Node, Service, StoredObject, Task
+from corral.api.types import Cluster, Network, Node, Service, StoredObject, Task
 
-Obj = TypeVar("Obj", Node, Service, Task, Cluster)
+Obj = TypeVar("Obj", Node, Service, Task, Cluster, Network)
 T = TypeVar("T")
 
 KINDS: dict[str, type[StoredObject]] = {
@@ -26,6 +26,7 @@ KINDS: dict[str, type[StoredObject]] = {
     "service": Service,
     "task": Task,
     "cluster": Cluster,
+    "network": Network,
 }
 
 

@@ -1,0 +1,54 @@
+"""The daemon's settings, parsed once from the command line and passed down read-only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from corral.api.errors import InvalidArgument
+from corral.api.types import API_PORT
+
+Runtime = Literal["process", "netns"]
+
+
+def default_runtime() -> Runtime:
+    """netns when we can create namespaces (root on Linux), else process — like issue #3 asks."""
+    return "netns" if sys.platform == "linux" and os.geteuid() == 0 else "process"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `corral daemon` was told."""
+
+    addr: str
+    data_dir: Path
+    hostname: str
+    api_port: int = API_PORT
+    advertise_addr: str | None = None
+    runtime: Runtime = "process"
+    # Task namespaces are named PREFIX + task id, so a lab can sweep what its daemons made.
+    task_netns_prefix: str = "corral-t-"
+
+    def __post_init__(self) -> None:
+        if self.advertise_addr is None and self.addr in ("0.0.0.0", "::", ""):
+            raise InvalidArgument(f"--advertise-addr is required when --addr is {self.addr or 'empty'}")
+        if self.runtime == "netns" and (sys.platform != "linux" or os.geteuid() != 0):
+            raise InvalidArgument("--runtime netns needs root on Linux (network namespaces)")
+        if not 1 <= len(self.task_netns_prefix) <= 20:
+            raise InvalidArgument("--task-netns-prefix must be 1 to 20 characters")
+
+    @property
+    def advertise(self) -> str:
+        """The address other nodes reach this one at."""
+        return self.advertise_addr or self.addr
+
+    @staticmethod
+    def parse_runtime(value: str | None) -> Runtime:
+        if value in (None, "", "auto"):
+            return default_runtime()
+        if value not in ("process", "netns"):
+            raise InvalidArgument(f"invalid --runtime {value!r}: expected process, netns or auto")
+        return "netns" if value == "netns" else "process"

@@ -1,0 +1,1 @@
+"""Host-side networking for the netns runtime (bridges, VXLAN, task namespaces)."""
