@@ -261,6 +261,10 @@ def exec_(ctx: typer.Context,
                                                 help="A service, or one of its tasks by slot")],
           cmd: Annotated[list[str], typer.Argument(metavar="COMMAND [ARG...]")]) -> None:
     """Run a command inside a running task (its network namespace with the netns runtime)."""
+    if cmd and cmd[0] == "--":  # `service exec web -- ls`: the separator is not the command
+        cmd = cmd[1:]
+    if not cmd:
+        raise InvalidArgument("no command given: corral service exec SERVICE[.SLOT] -- COMMAND")
     c = client(ctx)
     service, _, slot = target.rpartition(".") if target.rpartition(".")[2].isdigit() else (target, "", "")
     tasks = [t for t in _tasks(c, service) if t.desired_state is TaskState.RUNNING

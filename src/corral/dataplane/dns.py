@@ -36,7 +36,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import secrets
+import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +132,9 @@ class DnsRecords:
     _rdatas: dict[str, tuple[dns.rdata.Rdata, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _packed: dict[str, tuple[bytes, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
     _rr: dict[str, int] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,6 +148,9 @@ class DnsRecords:
         IN, A = dns.rdataclass.IN, dns.rdatatype.A
         self._rdatas.update(
             {k: tuple(dns.rdata.from_text(IN, A, ip) for ip in v) for k, v in names.items()}
+        )
+        self._packed.update(
+            {k: tuple(ipaddress.IPv4Address(ip).packed for ip in v) for k, v in names.items()}
         )
 
     @staticmethod
@@ -170,14 +178,28 @@ class DnsRecords:
             names[key] = _ipv4s((*names.get(key, ()), task.ip))
         return DnsRecords(names)
 
+    def _advance(self, name: str, count: int) -> int:
+        if count < 2:
+            return 0
+        n = self._rr.get(name, 0) % count
+        self._rr[name] = (n + 1) % count
+        return n
+
     def lookup(self, name: str) -> tuple[dns.rdata.Rdata, ...] | None:
         """The A rdatas for *name* (normalised), rotated one step per call; None if unknown."""
         rdatas = self._rdatas.get(name)
-        if rdatas is None or len(rdatas) < 2:
-            return rdatas
-        n = self._rr.get(name, 0)
-        self._rr[name] = (n + 1) % len(rdatas)
+        if rdatas is None:
+            return None
+        n = self._advance(name, len(rdatas))
         return rdatas[n:] + rdatas[:n]
+
+    def lookup_packed(self, name: str) -> tuple[bytes, ...] | None:
+        """Like :meth:`lookup`, as 4-byte packed addresses (same rotation counter)."""
+        packed = self._packed.get(name)
+        if packed is None:
+            return None
+        n = self._advance(name, len(packed))
+        return packed[n:] + packed[:n]
 
 
 EMPTY_RECORDS = DnsRecords()
@@ -237,6 +259,90 @@ def resolve(
 
 
 # --- wire helpers --------------------------------------------------------------
+
+FORWARD = b""  # _fast_answer: the query is well formed and must be forwarded
+
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_ANSWER_HEAD = struct.Struct("!HHHIH")  # name pointer, type, class, ttl, rdlength
+_RR_TAIL = struct.Struct("!HHIH")  # type, class, ttl, rdlength (OPT: type, payload, flags, rdlength)
+_OUR_PAYLOAD = 1232
+
+
+def _fast_answer(wire: bytes, records: DnsRecords, ttl: int, tcp: bool) -> bytes | None:
+    """Answer the common case straight from the wire, without dnspython.
+
+    Handles a standard query with one question, a plain name (letters,
+    digits, ``-``, ``_``), and at most an option-less EDNS0 OPT record.
+    Returns the response bytes, :data:`FORWARD` (``b""``) for a name to
+    forward, or None for anything else (the caller takes the dnspython path,
+    which also produces FORMERR/NOTIMP/BADVERS and truncation). The result is
+    the same as :func:`resolve` would give.
+    """
+    size = len(wire)
+    if size < 17:
+        return None
+    qid, flags, qd, an, ns, ar = _HEADER.unpack_from(wire)
+    if flags & 0xF800 or qd != 1 or an or ns or ar > 1:  # QR, opcode
+        return None
+    pos = 12
+    while True:  # the question name: plain labels, no compression
+        n = wire[pos]
+        if n == 0:
+            break
+        if n > 63:
+            return None
+        pos += n + 1
+        if pos >= size:
+            return None
+    qend = pos + 5  # root byte, qtype, qclass
+    if qend > size or pos == 12 or pos - 12 > 254:
+        return None
+    qtype, qclass = struct.unpack_from("!HH", wire, pos + 1)
+    edns, payload = False, 0
+    if ar:
+        if qend + 11 != size or wire[qend] != 0:
+            return None
+        rtype, payload, ettl, rdlen = _RR_TAIL.unpack_from(wire, qend + 1)
+        if rtype != 41 or rdlen or ettl & 0x00FF0000:  # OPT, no options, version 0
+            return None
+        edns = True
+    elif qend != size:
+        return None
+    if tcp:
+        max_size = _TCP_MAX
+    else:
+        max_size = max(_UDP_MIN, min(payload, _UDP_MAX)) if edns else _UDP_MIN
+    # labels -> "a.b.c": replace each length byte after the first with a dot
+    raw = bytearray(wire[13:pos])
+    i = wire[12]
+    while i < len(raw):
+        step = raw[i]
+        raw[i] = 0x2E
+        i += step + 1
+    if _PLAIN_NAME.fullmatch(raw) is None:
+        return None
+    key = raw.decode("ascii").lower()
+    known = records._packed.get(key)
+    if known is not None and qend + 16 * len(known) + (11 if edns else 0) > max_size:
+        return None  # needs truncation: the dnspython path does it
+    packed = records.lookup_packed(key)
+    if packed is None:
+        if not _in_namespace(key):
+            return FORWARD
+        rcode, packed = dns.rcode.NXDOMAIN, ()
+    else:
+        rcode = dns.rcode.NOERROR
+        if qclass not in (1, 255) or qtype not in (1, 255):  # IN/ANY, A/ANY
+            packed = ()
+    out_flags = _QR | 0x0400 | _RA | (flags & _RD) | rcode  # AA
+    parts = [_HEADER.pack(qid, out_flags, 1, len(packed), 0, 1 if edns else 0), wire[12:qend]]
+    for ip in packed:
+        parts.append(_ANSWER_HEAD.pack(0xC00C, 1, 1, ttl, 4))
+        parts.append(ip)
+    if edns:
+        parts.append(b"\x00" + _RR_TAIL.pack(41, _OUR_PAYLOAD, 0, 0))
+    return b"".join(parts)
+
 
 
 def _header_reply(wire: bytes, rcode: int) -> bytes | None:
@@ -436,11 +542,18 @@ class DnsServer:
 
     async def _bind(self, ip: str, port: int) -> _Listener:
         loop = asyncio.get_running_loop()
-        udp, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self, ip), local_addr=(ip, port)
-        )
+        # Bind the UDP socket ourselves: uvloop leaks a transport when its own bind fails.
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            bound_port = int(udp.get_extra_info("sockname")[1])
+            sock.setblocking(False)
+            sock.bind((ip, port))
+            bound_port = int(sock.getsockname()[1])
+            udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self, ip), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
             tcp = await asyncio.start_server(
                 lambda r, w: self._serve_tcp(ip, r, w),
                 host=ip,
@@ -487,6 +600,12 @@ class DnsServer:
     # -- query path --
 
     def _on_datagram(self, proto: _UdpProtocol, data: bytes, addr: tuple[str | object, ...]) -> None:
+        fast = _fast_answer(data, self.records_for(proto.ip), self.ttl, tcp=False)
+        if fast:
+            self.stats.queries += 1
+            self.stats.answered += 1
+            proto.send(fast, addr)
+            return
         parsed = _parse(data)
         if not isinstance(parsed, dns.message.Message):
             self.stats.malformed += 1
@@ -494,7 +613,7 @@ class DnsServer:
                 proto.send(parsed, addr)
             return
         self.stats.queries += 1
-        resp = resolve(parsed, self.records_for(proto.ip), self.ttl)
+        resp = None if fast == FORWARD else resolve(parsed, self.records_for(proto.ip), self.ttl)
         if resp is not None:
             self.stats.answered += 1
             out = _render(resp, _udp_limit(parsed), data)
@@ -525,12 +644,17 @@ class DnsServer:
             proto.send(out, addr)
 
     async def _answer_tcp(self, ip: str, wire: bytes) -> bytes | None:
+        fast = _fast_answer(wire, self.records_for(ip), self.ttl, tcp=True)
+        if fast:
+            self.stats.queries += 1
+            self.stats.answered += 1
+            return fast
         parsed = _parse(wire)
         if not isinstance(parsed, dns.message.Message):
             self.stats.malformed += 1
             return parsed
         self.stats.queries += 1
-        resp = resolve(parsed, self.records_for(ip), self.ttl)
+        resp = None if fast == FORWARD else resolve(parsed, self.records_for(ip), self.ttl)
         if resp is None:
             resp = await self._forward(parsed)
         else:
@@ -558,6 +682,10 @@ class DnsServer:
                 writer.write(len(out).to_bytes(2, "big") + out)
                 await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass
+        except asyncio.CancelledError:
+            # Only close()/remove_listener() cancel these; re-raising would make
+            # asyncio (3.11) log the CancelledError from the connection callback.
             pass
         except Exception as exc:
             log.debug("dns: TCP connection on %s failed: %r", ip, exc)

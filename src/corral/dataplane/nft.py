@@ -15,6 +15,15 @@ the system Python). :func:`render_vip_table` replaces the whole table in one
 transaction with the ``add table; delete table; add table`` idiom, so applying
 is atomic and idempotent whether or not the table exists yet.
 
+Every table carries one extra rule in the nat chain, ``ct state new`` with no
+statement (a no-op: the nat chain only sees new connections anyway). It is
+there for its side effect: a rule using a ``ct`` expression holds a reference
+on conntrack in the namespace. Conntrack is otherwise only held by the
+``dnat`` expressions, so a table without any DNAT rule (every VIP empty, or no
+VIPs) would switch conntrack off in the namespace, and connections that were
+DNATed before the update would lose their translation: their packets leave
+addressed to the VIP (hang, or hit the reject rule). Checked on kernel 6.18.
+
 Quirk worth knowing: nft 1.0.6 given *syntactically* invalid JSON on stdin
 exits 0 and does nothing (it falls back to its native parser, which then reads
 an exhausted stdin). :func:`apply` therefore only accepts a dict and
@@ -36,6 +45,7 @@ __all__ = [
     "FAMILY",
     "FILTER_CHAIN",
     "NAT_CHAIN",
+    "PIN_COMMENT",
     "TABLE",
     "TIMEOUT",
     "NftError",
@@ -51,6 +61,7 @@ TABLE = "corral"
 FAMILY = "ip"
 NAT_CHAIN = "output"
 FILTER_CHAIN = "reject"
+PIN_COMMENT = "corral: keeps conntrack on for established DNAT"
 # dstnat priority for the nat output hook; filter priority for the reject chain.
 _NAT_PRIO = -100
 _FILTER_PRIO = 0
@@ -129,7 +140,9 @@ def render_vip_table(rules: Sequence[VipRule], table: str = TABLE) -> dict[str, 
     """nft JSON that atomically replaces ``table`` with the given VIP rules.
 
     Output is deterministic: rules are ordered by VIP (numerically), backends
-    keep their given order (it is the round-robin order). The ``reject``
+    keep their given order (it is the round-robin order). The nat chain
+    always starts with the conntrack-pinning rule (see the module docstring);
+    a VIP with one backend is a plain ``dnat to`` without a map. The ``reject``
     filter chain exists only when some VIP has no backends, so namespaces
     without such VIPs pay no per-packet filter hook. Raises ``ValueError`` for
     a non-IPv4 address or a VIP listed twice.
@@ -147,6 +160,21 @@ def render_vip_table(rules: Sequence[VipRule], table: str = TABLE) -> dict[str, 
         {"add": _table(table)},
         _chain(table, NAT_CHAIN, "nat", _NAT_PRIO),
     ]
+    commands.append(
+        {
+            "add": {
+                "rule": {
+                    "family": FAMILY,
+                    "table": table,
+                    "chain": NAT_CHAIN,
+                    "comment": PIN_COMMENT,
+                    "expr": [
+                        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}
+                    ],
+                }
+            }
+        }
+    )
     empty = [vip for vip, backends in by_vip.items() if not backends]
     if empty:
         commands.append(_chain(table, FILTER_CHAIN, "filter", _FILTER_PRIO))
@@ -222,31 +250,10 @@ def apply(ruleset: dict[str, Any], netns: str | None = None, nft: str = "nft") -
 async def apply_async(
     ruleset: dict[str, Any], netns: str | None = None, nft: str = "nft"
 ) -> None:
-    """:func:`apply` without blocking the event loop."""
-    payload = _payload(ruleset)
-    argv = command(netns, nft)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as exc:
-        raise NftError(f"cannot run {argv[0]}: {exc}") from exc
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            _, stderr = await proc.communicate(payload)
-    except TimeoutError as exc:
-        proc.kill()
-        await proc.wait()
-        raise NftError(f"{' '.join(argv)} timed out after {TIMEOUT:g} s") from exc
-    except BaseException:
-        # Cancelled: do not leave the child behind.
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    assert proc.returncode is not None
-    if proc.returncode != 0:
-        raise NftError(_one_line(stderr, proc.returncode))
+    """:func:`apply` without blocking the event loop.
+
+    It runs the blocking :func:`apply` on a thread rather than using an asyncio subprocess:
+    uvloop hands a child a socket, not a pipe, as its stdin, and nft cannot open
+    ``/dev/stdin`` on a socket ("No such device or address").
+    """
+    await asyncio.to_thread(apply, ruleset, netns, nft)

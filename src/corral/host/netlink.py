@@ -229,7 +229,8 @@ class Netlink:
     # -- public API (each runs its _do_* twin on the worker thread)
 
     def ensure_bridge(self, name: str, addrs: list[str]) -> None:
-        """Create bridge ``name`` if missing, set its addresses to exactly ``addrs``, bring it up.
+        """Create bridge ``name`` if missing, set its addresses to exactly ``addrs`` (and its MAC
+        to the one :func:`mac_for_ip` gives the first IPv4 one), bring it up.
 
         ``addrs`` are CIDR strings (``"10.97.2.11/24"``). IPv6 link-local addresses the kernel
         adds itself are left alone.
@@ -328,6 +329,11 @@ class Netlink:
             self._ipr.addr("del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         for iface in wanted - have:
             self._ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        # The bridge answers for the node's own overlay address, so it must carry the MAC
+        # every other node programs for that address.
+        first4 = [i for i in wanted if i.version == 4]
+        if first4:
+            self._ipr.link("set", index=idx, address=mac_for_ip(str(sorted(first4)[0].ip)))
         self._ipr.link("set", index=idx, state="up")
 
     def _do_ensure_vxlan(self, name: str, vni: int, local: str, bridge: str, port: int) -> None:
