@@ -331,10 +331,16 @@ def test_bind_failure_raises_oserror(run: Run) -> None:
     async def scenario() -> None:
         async with serving([NET_A]) as server:
             other = DnsServer()
+            kept = await other.add_listener((NET_B, 0))
+            assert other.addresses == [kept] and kept[1] != 0
             with pytest.raises(OSError):
                 await other.start([(NET_B, 0), (NET_A, port_of(server, NET_A))])
-            assert other.addresses == []  # what it bound before failing was unbound
+            # what this start() bound before failing was unbound; the older listener stays
+            assert other.addresses == [kept]
+            other.set_records(NET_B, records())
+            assert ips(await ask_udp(other, NET_B, "search")) == ["10.0.1.2"]
             await other.close()
+            assert other.addresses == []
 
     run(scenario)
 
@@ -386,10 +392,11 @@ def test_forward_skips_dead_upstream(run: Run) -> None:
         await upstream.start()
         try:
             ups = [(DEAD, upstream.port), (UPSTREAM, upstream.port)]
-            async with serving([NET_A], upstreams=ups) as server:
+            async with serving([NET_A], upstreams=ups, forward_timeout=1.0) as server:
                 t0 = time.monotonic()
                 assert ips(await ask_udp(server, NET_A, "example.com")) == [FAKE_EXAMPLE_IP]
-                assert time.monotonic() - t0 < 1.9  # the dead one is refused, not waited for
+                # the dead one only gets its share (1/2) of the deadline, then the next is asked
+                assert time.monotonic() - t0 < 0.9
         finally:
             await upstream.close()
 
@@ -412,13 +419,13 @@ def test_upstream_down_gives_servfail(run: Run) -> None:
                 resp = await ask_tcp(server, NET_A, "example.com")
                 assert resp.rcode() == dns.rcode.SERVFAIL
                 assert server.stats.forward_failures == 2
-            # nothing listening at all (ICMP refused) and no upstreams at all: SERVFAIL at once
+            # nothing listening at the upstream address, or no upstreams at all
             for ups in ([(DEAD, 5353)], []):
-                async with serving([NET_A], upstreams=ups) as server:
+                async with serving([NET_A], upstreams=ups, forward_timeout=0.5) as server:
                     t0 = time.monotonic()
                     resp = await ask_udp(server, NET_A, "example.com")
                     assert resp.rcode() == dns.rcode.SERVFAIL
-                    assert time.monotonic() - t0 < 2.5
+                    assert time.monotonic() - t0 < 1.5
         finally:
             hole.close()
 
@@ -458,8 +465,8 @@ def test_fast_path_matches_resolve() -> None:
     two.question.append(query("cache").question[0])
     edns1 = dns.message.make_query("search", "A", use_edns=1)
     cookie = dns.message.make_query("search", "A", options=[dns.edns.CookieOption(b"12345678", b"")])
-    for q in (notify, two, edns1, cookie):
-        assert _fast_answer(q.to_wire(), records(), 5, tcp=False) is None
+    for odd in (notify, two, edns1, cookie):
+        assert _fast_answer(odd.to_wire(), records(), 5, tcp=False) is None
     for junk in (b"", b"\x00" * 11, b"\x00" * 17, bytes(range(256)), query("search").to_wire() + b"x"):
         assert _fast_answer(junk, records(), 5, tcp=False) is None
 

@@ -1,15 +1,19 @@
-"""`corral lab`: a local multi-node swarm on loopback addresses."""
+"""`corral lab`: a local multi-node swarm on loopback addresses (or in network namespaces)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from corral.api.errors import InvalidArgument, NotFound
 from corral.cli.context import print_table
 from corral.cli.parse import parse_duration
-from corral.lab.lab import DEFAULT_BASE_ADDR, Lab, pid_alive
+from corral.lab.lab import DEFAULT_BASE_ADDR, DEFAULT_SUBNET, Lab, pid_alive
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Run a local lab swarm.")
 
@@ -18,21 +22,41 @@ LabDir = Annotated[Optional[Path], typer.Option("--dir", help="Lab directory (de
 
 @app.command()
 def up(nodes: Annotated[int, typer.Option(help="Number of nodes")] = 3,
-       base_addr: Annotated[str, typer.Option(help="Address of node1; node2 gets the next one…")] = DEFAULT_BASE_ADDR,
+       base_addr: Annotated[Optional[str], typer.Option(
+           help=f"Address of node1; node2 gets the next one… [default: {DEFAULT_BASE_ADDR}]")] = None,
        heartbeat: Annotated[str, typer.Option(help="Dispatcher heartbeat period")] = "1s",
+       netns: Annotated[bool, typer.Option(
+           "--netns", help="Each node in its own network namespace on a lab bridge (root only)")] = False,
+       subnet: Annotated[Optional[str], typer.Option(
+           help=f"The --netns lab's subnet: bridge .1, node1 .11, … [default: {DEFAULT_SUBNET}]")] = None,
        dir: LabDir = None) -> None:
-    """Start N daemons on loopback addresses and form a swarm."""
+    """Start N daemons on loopback addresses (or in network namespaces) and form a swarm."""
+    if netns and base_addr is not None:
+        raise InvalidArgument("--base-addr is for the loopback lab; the --netns lab takes --subnet")
+    if subnet is not None and not netns:
+        raise InvalidArgument("--subnet needs --netns")
     lab = Lab(dir)
-    lab.up(nodes, base_addr, parse_duration(heartbeat), progress=typer.echo)
+    lab.up(nodes, base_addr or DEFAULT_BASE_ADDR, parse_duration(heartbeat), progress=typer.echo,
+           netns=netns, subnet=subnet or DEFAULT_SUBNET)
     first = lab.nodes[0]
-    typer.echo(f"Lab swarm up: {len(lab.nodes)} nodes ({', '.join(n.addr for n in lab.nodes)}).")
+    where = f" in network namespaces on bridge {lab.bridge}" if lab.netns else ""
+    typer.echo(f"Lab swarm up: {len(lab.nodes)} nodes ({', '.join(n.addr for n in lab.nodes)}){where}.")
     typer.echo(f"Talk to it with:  export CORRAL_HOST={first.host}   (or: eval \"$(corral lab env {first.name})\")")
 
 
 @app.command()
 def down(dir: LabDir = None) -> None:
     """Stop every lab daemon and task, and remove the lab."""
-    lab = Lab(dir).load()
+    lab = Lab(dir)
+    try:
+        lab.load()
+    except NotFound:
+        left = lab.leftover_hosts()
+        if not left:
+            raise
+        # lab.json is gone but a netns lab of this dir left namespaces/links behind.
+        lab.netns, lab.prefix = True, lab.hosts.prefix
+        typer.echo(f"No lab state in {lab.dir}; removing what is left of it: {', '.join(left)}")
     lab.down()
     typer.echo("Lab removed.")
 
@@ -47,6 +71,11 @@ def env(node: Annotated[str, typer.Argument(help="NODE")] = "node1", dir: LabDir
 def ps(dir: LabDir = None) -> None:
     """List the lab's nodes and whether their daemons run."""
     lab = Lab(dir).load()
+    if lab.netns:
+        print_table(["NAME", "ADDRESS", "PID", "STATUS", "NAMESPACE", "LOG"],
+                    [[n.name, n.addr, str(n.pid or ""), "running" if pid_alive(n.pid) else "stopped",
+                      n.netns, n.log] for n in lab.nodes])
+        return
     rows = [[n.name, n.addr, str(n.pid or ""), "running" if pid_alive(n.pid) else "stopped", n.log]
             for n in lab.nodes]
     print_table(["NAME", "ADDRESS", "PID", "STATUS", "LOG"], rows)
@@ -64,3 +93,24 @@ def start(node: Annotated[str, typer.Argument(help="NODE")], dir: LabDir = None)
     """Start a killed node's daemon again."""
     n = Lab(dir).load().start(node)
     typer.echo(f"{n.name} started")
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False,
+                                       "ignore_unknown_options": True})
+def exec_(node: Annotated[str, typer.Argument(help="NODE")],
+          cmd: Annotated[list[str], typer.Argument(help="CMD [ARG...]", show_default=False)],
+          dir: LabDir = None) -> None:
+    """Run CMD on a node, inside its namespace in the netns lab (options go before NODE)."""
+    # Everything after NODE is the command (options too); a leading `--` only separates it.
+    command = cmd[1:] if cmd[:1] == ["--"] else cmd
+    argv = Lab(dir).load().exec_argv(node, command)
+    if shutil.which(command[0]) is None:  # namespaces share the file system: check it here
+        typer.echo(f"Error: {command[0]}: command not found", err=True)
+        raise typer.Exit(127)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        typer.echo(f"Error: cannot run {argv[0]}: {exc.strerror}", err=True)
+        raise typer.Exit(126) from None

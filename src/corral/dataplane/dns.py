@@ -40,7 +40,7 @@ import re
 import secrets
 import socket
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -492,7 +492,7 @@ class DnsServer:
         self._records: dict[str, DnsRecords] = {}
         self._listeners: dict[tuple[str, int], _Listener] = {}
         self._forwards: set[asyncio.Task[None]] = set()
-        self._tcp_conns: dict[asyncio.Task[object], str] = {}
+        self._tcp_conns: dict[asyncio.Task[object], tuple[str, int]] = {}
         self._closed = False
 
     # -- configuration --
@@ -511,24 +511,29 @@ class DnsServer:
 
     async def start(self, addrs: Sequence[tuple[str, int]]) -> None:
         """Bind UDP+TCP on each ``(ip, port)``; on failure unbind what this call bound and raise OSError."""
-        added: list[str] = []
+        added: list[tuple[str, int]] = []
         try:
-            for ip, port in addrs:
-                await self.add_listener((ip, port))
-                added.append(_canon_ip(ip))
+            for addr in addrs:
+                if (_canon_ip(addr[0]), addr[1]) in self._listeners:
+                    continue
+                added.append(await self.add_listener(addr))
         except BaseException:
-            for ip in added:
-                await self._close_listeners(ip)
+            for key in added:
+                await self._close_listeners(lambda k: k == key)
             raise
 
-    async def add_listener(self, addr: tuple[str, int]) -> None:
-        """Bind UDP and TCP on ``(ip, port)``; port 0 picks one free for both. Raises OSError."""
+    async def add_listener(self, addr: tuple[str, int]) -> tuple[str, int]:
+        """Bind UDP and TCP on ``(ip, port)``; port 0 picks one port free for both.
+
+        Returns the bound ``(ip, port)``; binding an address already bound is a
+        no-op. Raises OSError when the address cannot be bound.
+        """
         if self._closed:
             raise RuntimeError("DnsServer is closed")
         ip, port = _canon_ip(addr[0]), addr[1]
         if port and (ip, port) in self._listeners:
-            return
-        attempts = 20 if port == 0 else 1
+            return (ip, port)
+        attempts = 20 if port == 0 else 1  # port 0: the UDP port may be taken for TCP
         for attempt in range(attempts):
             try:
                 listener = await self._bind(ip, port)
@@ -538,7 +543,8 @@ class DnsServer:
                 continue
             self._listeners[(ip, listener.port)] = listener
             log.debug("dns: listening on %s:%d", ip, listener.port)
-            return
+            return (ip, listener.port)
+        raise AssertionError("unreachable")
 
     async def _bind(self, ip: str, port: int) -> _Listener:
         loop = asyncio.get_running_loop()
@@ -555,7 +561,7 @@ class DnsServer:
             raise
         try:
             tcp = await asyncio.start_server(
-                lambda r, w: self._serve_tcp(ip, r, w),
+                lambda r, w: self._serve_tcp((ip, bound_port), r, w),
                 host=ip,
                 port=bound_port,
                 reuse_address=True,
@@ -568,18 +574,18 @@ class DnsServer:
     async def remove_listener(self, ip: str) -> None:
         """Close every listener on *ip* (and its TCP connections) and forget its records."""
         ip = _canon_ip(ip)
-        await self._close_listeners(ip)
+        await self._close_listeners(lambda k: k[0] == ip)
         self._records.pop(ip, None)
 
-    async def _close_listeners(self, ip: str | None) -> None:
-        gone = [k for k in self._listeners if ip is None or k[0] == ip]
+    async def _close_listeners(self, which: Callable[[tuple[str, int]], bool]) -> None:
+        gone = [k for k in self._listeners if which(k)]
         servers = []
         for key in gone:
             lst = self._listeners.pop(key)
             lst.udp.close()
             lst.tcp.close()
             servers.append(lst.tcp)
-        conns = [t for t, cip in self._tcp_conns.items() if ip is None or cip == ip]
+        conns = [t for t, key in self._tcp_conns.items() if key in gone]
         for t in conns:
             t.cancel()
         if conns:
@@ -593,7 +599,7 @@ class DnsServer:
         self._closed = True
         for t in list(self._forwards):
             t.cancel()
-        await self._close_listeners(None)
+        await self._close_listeners(lambda k: True)
         if self._forwards:
             await asyncio.gather(*self._forwards, return_exceptions=True)
 
@@ -662,13 +668,14 @@ class DnsServer:
         return _render(resp, _TCP_MAX, wire)
 
     async def _serve_tcp(
-        self, ip: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        ip = key[0]
         task = asyncio.current_task()
         if task is None or len(self._tcp_conns) >= self.max_tcp_connections:
             writer.close()
             return
-        self._tcp_conns[task] = ip
+        self._tcp_conns[task] = key
         try:
             while True:
                 async with asyncio.timeout(self.tcp_idle_timeout):

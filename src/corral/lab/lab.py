@@ -1,4 +1,8 @@
-"""The loopback lab: N daemons on 127.0.0.11, .12, … of one machine, formed into a swarm.
+"""The lab: N daemons on one machine, formed into a swarm.
+
+The loopback lab puts node daemons on 127.0.0.11, .12, …; the netns lab (`--netns`, root only)
+makes each node a "real host": its own network namespace with its own address on a lab bridge
+(`corral.lab.hosts` does the plumbing), with the node's daemon running inside it.
 
 Each node's daemon runs in its own session (process group), so `kill` can take a node down
 with all its task processes at once, as pulling a host's plug would.
@@ -6,6 +10,7 @@ with all its task processes at once, as pulling a host's plug would.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -15,15 +20,25 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from corral.api.errors import CorralError, InvalidArgument, NotFound
 from corral.api.types import API_PORT
 from corral.client import Client, DaemonUnreachable
+from corral.lab.hosts import Host, NetnsHosts, used_networks
 
 DEFAULT_BASE_ADDR = "127.0.0.11"
+DEFAULT_SUBNET = "10.99.0.0/24"
+NETNS_PREFIX = "crl"
+"""Every netns lab's names start with `crl<id>` (bridge), `crl<id>-` (namespaces)."""
+NODE_HOST_OFFSET = 10
+"""In the netns lab node I gets the subnet's address 10+I (node1 = .11); the bridge gets .1."""
+TASK_NETNS_OPTION = "--task-netns-prefix"
+"""Daemon option naming the prefix of the namespaces it makes for its tasks."""
+NEEDS_ROOT = "the netns lab needs root (network namespaces)"
 
 
 def default_lab_dir() -> Path:
@@ -33,17 +48,46 @@ def default_lab_dir() -> Path:
 
 @dataclass
 class LabNode:
-    """One lab host: a daemon process on its own loopback address."""
+    """One lab host: a daemon process on its own address (and namespace, in the netns lab)."""
 
     name: str
     addr: str
     data_dir: str
     log: str
     pid: int = 0
+    netns: str = ""
+    veth: str = ""
 
     @property
     def host(self) -> str:
         return f"{self.addr}:{API_PORT}"
+
+
+def lab_id(lab_dir: Path) -> str:
+    """A short id, stable per lab directory, that keeps two labs' names apart."""
+    return hashlib.sha1(str(lab_dir.resolve()).encode()).hexdigest()[:4]
+
+
+def check_root(euid: int | None = None) -> None:
+    """Refuse the netns lab to anyone but root."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        raise CorralError(NEEDS_ROOT)
+
+
+def parse_subnet(subnet: str, count: int) -> ipaddress.IPv4Network:
+    """Check that `subnet` can hold the bridge and `count` nodes at .11, .12, …"""
+    try:
+        net = ipaddress.IPv4Network(subnet, strict=True)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid --subnet {subnet!r}: {exc}") from None
+    if not net.is_private or net.is_loopback or net.is_link_local or net.is_multicast:
+        raise InvalidArgument(f"invalid --subnet {subnet}: the lab needs a private IPv4 subnet "
+                              "(e.g. 10.99.0.0/24)")
+    if net.num_addresses - 2 < NODE_HOST_OFFSET + count:
+        raise InvalidArgument(f"--subnet {subnet} has too few addresses for {count} nodes: "
+                              f"the lab uses .1 and .{NODE_HOST_OFFSET + 1}-"
+                              f".{NODE_HOST_OFFSET + count} (use a /24 or larger)")
+    return net
 
 
 def pid_alive(pid: int) -> bool:
@@ -70,6 +114,21 @@ class Lab:
         self.dir = dir or default_lab_dir()
         self.nodes: list[LabNode] = []
         self.heartbeat = 1.0
+        self.netns = False
+        self.subnet = ""
+        self.bridge = ""
+        self.prefix = ""
+
+    @property
+    def hosts(self) -> NetnsHosts:
+        """The netns plumbing of this lab (its recorded names, or those its dir implies)."""
+        prefix = self.prefix or f"{NETNS_PREFIX}{lab_id(self.dir)}"
+        net = ipaddress.IPv4Network(self.subnet or DEFAULT_SUBNET)
+        return NetnsHosts(prefix, f"{net.network_address + 1}/{net.prefixlen}")
+
+    @property
+    def task_netns_prefix(self) -> str:
+        return f"{self.prefix}-t-"
 
     @property
     def state_file(self) -> Path:
@@ -81,12 +140,21 @@ class Lab:
         data = json.loads(self.state_file.read_text())
         self.nodes = [LabNode(**n) for n in data["nodes"]]
         self.heartbeat = data.get("heartbeat", 1.0)
+        self.netns = bool(data.get("netns", False))
+        self.subnet = data.get("subnet", "")
+        self.bridge = data.get("bridge", "")
+        self.prefix = data.get("prefix", "")
         return self
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(
-            {"nodes": [asdict(n) for n in self.nodes], "heartbeat": self.heartbeat}, indent=2))
+        data: dict[str, Any] = {"nodes": [_node_dict(n) for n in self.nodes],
+                                "heartbeat": self.heartbeat}
+        if self.netns:
+            data.update(netns=True, subnet=self.subnet, bridge=self.bridge, prefix=self.prefix,
+                        namespaces=[n.netns for n in self.nodes],
+                        task_netns_prefix=self.task_netns_prefix)
+        self.state_file.write_text(json.dumps(data, indent=2))
 
     def node(self, name: str) -> LabNode:
         for n in self.nodes:
@@ -96,34 +164,35 @@ class Lab:
 
     # -- up / down ------------------------------------------------------------------------
     def up(self, count: int, base_addr: str = DEFAULT_BASE_ADDR, heartbeat: float = 1.0,
-           progress: Callable[[str], object] = print) -> None:
+           progress: Callable[[str], object] = print, netns: bool = False,
+           subnet: str = DEFAULT_SUBNET) -> None:
         """Start `count` daemons and form a swarm with node1 as its manager."""
+        if netns:
+            check_root()
         if count < 1 or count > 50:
             raise InvalidArgument(f"invalid --nodes {count}: must be between 1 and 50")
+        net = parse_subnet(subnet, count) if netns else None
         if self.state_file.exists():
             old = Lab(self.dir).load()
             if any(pid_alive(n.pid) for n in old.nodes):
                 raise InvalidArgument(f"a lab is already running in {self.dir}: "
                                       "run `corral lab down` first")
+            if old.netns and old.hosts.leftovers():
+                raise InvalidArgument(f"the network namespaces of the lab in {self.dir} still "
+                                      "exist: run `corral lab down` first")
             shutil.rmtree(self.dir)
-        try:
-            base = ipaddress.IPv4Address(base_addr)
-        except ValueError:
-            raise InvalidArgument(f"invalid --base-addr {base_addr!r}") from None
-        if not base.is_loopback:
-            raise InvalidArgument("the loopback lab needs addresses in 127.0.0.0/8")
         self.heartbeat = heartbeat
         self.nodes = []
-        for i in range(count):
-            addr = str(base + i)
-            name = f"node{i + 1}"
-            if not port_free(addr, API_PORT):
-                raise InvalidArgument(f"{addr}:{API_PORT} is already in use: is another lab or daemon "
-                                      "running there?")
-            d = self.dir / name
-            self.nodes.append(LabNode(name=name, addr=addr, data_dir=str(d), log=str(d / "daemon.log")))
+        if net is not None:
+            self._plan_netns(count, net)
+        else:
+            self._plan_loopback(count, base_addr)
         self.save()
         try:
+            if self.netns:
+                self.hosts.create([Host(n.name, n.netns, n.veth, n.addr) for n in self.nodes])
+                progress(f"bridge {self.bridge} ({self.hosts.bridge_addr}), namespaces "
+                         f"{', '.join(n.netns for n in self.nodes)}")
             for n in self.nodes:
                 self._spawn(n)
             self.save()
@@ -138,8 +207,50 @@ class Lab:
                 progress(f"{n.name}: joined as a worker")
             self._wait_nodes_ready(manager, count)
         except BaseException:
-            self.down()
+            try:
+                self.down()
+            except CorralError as exc:  # keep the error that made `up` fail
+                progress(f"cleanup after the failed `lab up` was incomplete: {exc.message}")
             raise
+
+    def _plan_loopback(self, count: int, base_addr: str) -> None:
+        try:
+            base = ipaddress.IPv4Address(base_addr)
+        except ValueError:
+            raise InvalidArgument(f"invalid --base-addr {base_addr!r}") from None
+        if not base.is_loopback:
+            raise InvalidArgument("the loopback lab needs addresses in 127.0.0.0/8")
+        for i in range(count):
+            addr = str(base + i)
+            name = f"node{i + 1}"
+            if not port_free(addr, API_PORT):
+                raise InvalidArgument(f"{addr}:{API_PORT} is already in use: is another lab or daemon "
+                                      "running there?")
+            d = self.dir / name
+            self.nodes.append(LabNode(name=name, addr=addr, data_dir=str(d), log=str(d / "daemon.log")))
+
+    def _plan_netns(self, count: int, net: ipaddress.IPv4Network) -> None:
+        """Decide the netns lab's names and addresses; refuse if they clash with what exists."""
+        self.netns = True
+        self.subnet = str(net)
+        self.prefix = f"{NETNS_PREFIX}{lab_id(self.dir)}"
+        hosts = self.hosts
+        self.bridge = hosts.bridge
+        existing = hosts.leftovers()
+        if existing:
+            raise InvalidArgument(f"the bridge/namespaces of lab {self.prefix} already exist "
+                                  f"({', '.join(existing[:4])}{', …' if len(existing) > 4 else ''}): "
+                                  f"run `corral lab down --dir {self.dir}` first")
+        for what, used in used_networks():
+            if used.overlaps(net):
+                raise InvalidArgument(f"--subnet {net} overlaps {what}: pick another subnet")
+        for i in range(1, count + 1):
+            name = f"node{i}"
+            d = self.dir / name
+            self.nodes.append(LabNode(
+                name=name, addr=str(net.network_address + NODE_HOST_OFFSET + i), data_dir=str(d),
+                log=str(d / "daemon.log"), netns=f"{self.prefix}-{name}",
+                veth=f"{self.prefix}n{i}"))
 
     def down(self) -> None:
         """Stop every daemon (and its tasks) and remove everything the lab made."""
@@ -155,7 +266,28 @@ class Lab:
         for pid in _daemons_under(self.dir):
             _killpg(pid, signal.SIGKILL)
             _wait_gone(pid, 3.0)
+        if self.netns:
+            left = self.hosts.destroy()
+            if left:
+                raise CorralError(f"could not remove {', '.join(left)} of lab {self.prefix}; "
+                                  f"the lab state stays in {self.dir}")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def leftover_hosts(self) -> list[str]:
+        """Namespaces/links a netns lab in this dir left behind (root only; else nothing)."""
+        if os.geteuid() != 0:
+            return []
+        return self.hosts.leftovers()
+
+    def exec_argv(self, name: str, cmd: Sequence[str]) -> list[str]:
+        """The argv that runs `cmd` on a node: inside its namespace, or as is on loopback."""
+        n = self.node(name)
+        if not cmd:
+            raise InvalidArgument("lab exec needs a command: corral lab exec NODE -- CMD [ARG...]")
+        if not self.netns:
+            return list(cmd)
+        check_root()
+        return self.hosts.exec_argv(n.netns, cmd)
 
     # -- chaos ----------------------------------------------------------------------------
     def kill(self, name: str) -> LabNode:
@@ -182,12 +314,15 @@ class Lab:
     # -- helpers --------------------------------------------------------------------------
     def _spawn(self, n: LabNode) -> None:
         Path(n.data_dir).mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "corral", "daemon", "--addr", n.addr,
+                "--data-dir", n.data_dir, "--hostname", n.name]
+        if self.netns:
+            # Each node runs container-like tasks: its own namespace per task.
+            argv += ["--runtime", "netns", TASK_NETNS_OPTION, self.task_netns_prefix]
+            argv = self.hosts.daemon_argv(n.netns, argv)
         with open(n.log, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "corral", "daemon", "--addr", n.addr,
-                 "--data-dir", n.data_dir, "--hostname", n.name],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         n.pid = proc.pid
 
     def _wait_ready(self, n: LabNode, timeout: float = 20.0) -> None:
@@ -223,6 +358,14 @@ class Lab:
         else:
             # Tasks are stopped by the daemon; kill any straggler of its group.
             _killpg(n.pid, signal.SIGKILL)
+
+
+def _node_dict(n: LabNode) -> dict[str, Any]:
+    """A node as lab.json records it (the loopback lab's without the netns fields)."""
+    d = asdict(n)
+    if not n.netns:
+        del d["netns"], d["veth"]
+    return d
 
 
 def _daemons_under(lab_dir: Path) -> list[int]:

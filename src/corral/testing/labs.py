@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from corral.lab.lab import Lab
+from corral.lab.lab import DEFAULT_BASE_ADDR, DEFAULT_SUBNET, Lab
 
 T = TypeVar("T")
 
@@ -71,6 +71,12 @@ class LabSwarm:
         return [t for t in self.tasks(service) if t["desired_state"] == "running"
                 and t["status"]["state"] == "running"]
 
+    def exec(self, node: str, *cmd: str, timeout: float = 30.0) -> CLIResult:
+        """Run `cmd` on a lab node (inside its namespace in the netns lab) and capture it."""
+        p = subprocess.run(self.lab.exec_argv(node, cmd), capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+        return CLIResult(p.returncode, p.stdout, p.stderr)
+
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {n["description"]["hostname"]: n for n in self.ok("node", "ls", "--format", "json").json_lines()}
 
@@ -80,10 +86,11 @@ def free_lab_dir(tmp: Path) -> Path:
 
 
 @contextmanager
-def lab_swarm(tmp: Path, nodes: int, base_addr: str, heartbeat: float = 0.5) -> Iterator[LabSwarm]:
+def lab_swarm(tmp: Path, nodes: int, base_addr: str = DEFAULT_BASE_ADDR, heartbeat: float = 0.5,
+              netns: bool = False, subnet: str = DEFAULT_SUBNET) -> Iterator[LabSwarm]:
     """Bring a lab up for a test and always take it down, even when the test fails."""
     lab = Lab(free_lab_dir(tmp))
-    lab.up(nodes, base_addr, heartbeat, progress=lambda _: None)
+    lab.up(nodes, base_addr, heartbeat, progress=lambda _: None, netns=netns, subnet=subnet)
     try:
         yield LabSwarm(lab)
     finally:

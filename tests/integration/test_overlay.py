@@ -1,0 +1,170 @@
+"""Container-like tasks on overlay networks, in a netns lab of 3 real hosts: VXLAN between
+nodes, service VIPs (nftables), the embedded DNS, ingress over the overlay, and cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.testing.labs import LabSwarm, http_get, lab_swarm, wait_for
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None,
+    reason="the netns lab needs root, iproute2 and nftables")
+
+SUBNET = "10.99.8.0/24"  # this module's lab hosts; published ports 19500-19549
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabSwarm]:
+    with lab_swarm(tmp_path_factory.mktemp("overlay"), 3, netns=True, subnet=SUBNET) as s:
+        s.ok("network", "create", "--driver", "overlay", "--subnet", "10.20.0.0/24", "backend")
+        s.ok("service", "create", "--name", "search", "--replicas", "3", "--network", "backend",
+             "-p", "19500:9200", "whoami")
+        s.ok("service", "create", "--name", "client", "--network", "backend", "whoami")
+        yield s
+
+
+def task_ips(swarm: LabSwarm, service: str, network: str) -> dict[str, str]:
+    """task id -> its address on `network` (by name)."""
+    net_id = json.loads(swarm.ok("network", "inspect", network).out)[0]["id"]
+    return {t["id"]: a["addr"].split("/")[0] for t in swarm.running(service)
+            for a in t["networks"] if a["network_id"] == net_id}
+
+
+def in_client(swarm: LabSwarm, *cmd: str) -> str:
+    return swarm.ok("service", "exec", "client", "--", *cmd).out
+
+
+def test_tasks_get_their_own_address_and_listen_on_the_target_port(swarm: LabSwarm) -> None:
+    ips = task_ips(swarm, "search", "backend")
+    assert len(ips) == 3 and all(ip.startswith("10.20.0.") for ip in ips.values())
+    assert len(set(ips.values())) == 3
+    for t in swarm.running("search"):
+        assert t["status"]["port"] == 0  # like a container: the target port of its own address
+
+
+def test_cross_node_task_to_task_over_vxlan(swarm: LabSwarm) -> None:
+    client_node = swarm.running("client")[0]["node_id"]
+    remote = [t for t in swarm.running("search") if t["node_id"] != client_node]
+    assert remote, "3 replicas on 3 nodes: at least two are remote from the client"
+    ips = task_ips(swarm, "search", "backend")
+    for t in remote:
+        out = in_client(swarm, "curl", "-s", "-m", "5", f"http://{ips[t['id']]}:9200/")
+        assert json.loads(out)["task_id"] == t["id"]
+
+
+def test_vip_balances_over_all_replicas(swarm: LabSwarm) -> None:
+    svc = json.loads(swarm.ok("service", "inspect", "search").out)[0]
+    (vip,) = [a["addr"].split("/")[0] for a in svc["vips"]]
+    assert in_client(swarm, "getent", "hosts", "search").split()[0] == vip
+    seen = {json.loads(in_client(swarm, "curl", "-s", "-m", "5", "http://search:9200/"))["task_id"]
+            for _ in range(6)}
+    assert seen == {t["id"] for t in swarm.running("search")}
+
+
+def test_dns_answers(swarm: LabSwarm) -> None:
+    ips = set(task_ips(swarm, "search", "backend").values())
+    out = in_client(swarm, "getent", "ahostsv4", "tasks.search")
+    assert {line.split()[0] for line in out.splitlines()} == ips
+    name_ip = in_client(swarm, "getent", "hosts", "search.2").split()[0]
+    assert name_ip in ips
+    r = swarm.cli("service", "exec", "client", "--", "getent", "hosts", "nosuchservice")
+    assert r.code == 2, "an unknown corral name is NXDOMAIN"
+
+
+def test_dnsrr_service_resolves_to_task_ips(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "rr", "--replicas", "2", "--network", "backend",
+             "--endpoint-mode", "dnsrr", "whoami")
+    try:
+        svc = json.loads(swarm.ok("service", "inspect", "rr").out)[0]
+        assert svc["vips"] == []
+        ips = set(task_ips(swarm, "rr", "backend").values())
+        out = in_client(swarm, "getent", "ahostsv4", "rr")
+        assert {line.split()[0] for line in out.splitlines()} == ips
+    finally:
+        swarm.ok("service", "rm", "rr")
+
+
+def test_vip_and_dns_follow_scaling(swarm: LabSwarm) -> None:
+    swarm.ok("service", "scale", "-d", "search=5")
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: len(swarm.running("search")) == 5, what="5 replicas")
+        ips = set(task_ips(swarm, "search", "backend").values())
+
+        def dns_sees_all() -> bool:
+            out = in_client(swarm, "getent", "ahostsv4", "tasks.search")
+            return {line.split()[0] for line in out.splitlines()} == ips
+        wait_for(dns_sees_all, timeout=10, what="DNS to list 5 tasks")
+        print(f"\nscale 3→5: 5 running and in DNS after {time.monotonic() - t0:.2f}s")
+        seen = {json.loads(in_client(swarm, "curl", "-s", "-m", "5", "http://search:9200/"))["task_id"]
+                for _ in range(10)}
+        assert len(seen) == 5
+    finally:
+        swarm.ok("service", "scale", "-d", "search=3")
+        wait_for(lambda: len(swarm.tasks("search")) == 3, what="scale back to 3")
+    out = in_client(swarm, "getent", "ahostsv4", "tasks.search")
+    assert len({line.split()[0] for line in out.splitlines()}) == 3
+
+
+def test_ingress_from_every_host_reaches_all_replicas(swarm: LabSwarm) -> None:
+    tasks = {t["id"] for t in swarm.running("search")}
+    for addr in swarm.addrs:
+        assert {http_get(addr, 19500)["task_id"] for _ in range(6)} == tasks
+    out = swarm.exec("node2", "curl", "-s", "-m", "5", f"http://{swarm.addrs[2]}:19500/")
+    assert out.code == 0 and json.loads(out.out)["service"] == "search"
+
+
+def test_network_bad_input(swarm: LabSwarm) -> None:
+    cases = [
+        (["network", "create", "--subnet", "10.20.0.128/25", "x1"], "overlaps"),
+        (["network", "create", "--subnet", "10.30.0.1/24", "x2"], "invalid subnet"),
+        (["network", "create", "--subnet", "banana", "x3"], "invalid subnet"),
+        (["network", "create", "--subnet", "10.31.0.0/24", "backend"], "already exists"),
+        (["network", "rm", "backend"], "in use by service"),
+        (["service", "create", "--name", "nonet", "--network", "nosuch", "whoami"], "not found"),
+        (["service", "create", "--name", "rrp", "--endpoint-mode", "dnsrr", "-p", "19501:80",
+          "whoami"], "dnsrr"),
+    ]
+    for args, words in cases:
+        r = swarm.cli(*args)
+        assert r.code == 1 and words in r.err and "Traceback" not in r.err, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1
+
+
+def test_full_subnet_leaves_tasks_waiting_with_the_reason(swarm: LabSwarm) -> None:
+    # /29: 6 hosts; .1 is the gateway, 3 go to the nodes, 1 to the VIP: room for 1 task.
+    swarm.ok("network", "create", "--subnet", "10.21.0.0/29", "tiny")
+    swarm.ok("service", "create", "--name", "crowd", "--replicas", "3", "--network", "tiny",
+             "-d", "whoami")
+    try:
+        wait_for(lambda: len(swarm.running("crowd")) == 1, what="the one task that fits")
+        waiting = wait_for(lambda: [t for t in swarm.tasks("crowd")
+                                    if "no free address" in t["status"]["err"]],
+                           what="tasks waiting for an address")
+        assert len(waiting) == 2
+    finally:
+        swarm.ok("service", "rm", "crowd")
+        wait_for(lambda: swarm.cli("network", "rm", "tiny").code == 0, timeout=15,
+                 what="the network to be removable once its tasks are gone")
+
+
+def test_service_rm_leaves_no_namespace(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "brief", "--replicas", "3", "--network", "backend",
+             "whoami")
+    ids = [t["id"] for t in swarm.running("brief")]
+    prefix = swarm.lab.task_netns_prefix
+
+    def namespaces() -> set[str]:
+        return {p.name for p in Path("/run/netns").iterdir()}
+    assert all(f"{prefix}{i}" in namespaces() for i in ids)
+    swarm.ok("service", "rm", "brief")
+    wait_for(lambda: not any(f"{prefix}{i}" in namespaces() for i in ids), timeout=15,
+             what="the task namespaces to be deleted")
