@@ -168,3 +168,71 @@ def test_service_rm_leaves_no_namespace(swarm: LabSwarm) -> None:
     swarm.ok("service", "rm", "brief")
     wait_for(lambda: not any(f"{prefix}{i}" in namespaces() for i in ids), timeout=15,
              what="the task namespaces to be deleted")
+
+
+def vip_backends(swarm: LabSwarm, vip: str) -> set[str]:
+    """The backends the client task's nftables table currently sends `vip` to."""
+    client = swarm.running("client")[0]
+    ns = f"{swarm.lab.task_netns_prefix}{client['id']}"
+    import subprocess
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "ip", "corral"],
+                         capture_output=True, text=True, check=True).stdout
+    found: set[str] = set()
+
+    def walk(x: object) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str) and x.startswith("10.20.0.") and x != vip:
+            found.add(x)
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule and vip in json.dumps(rule["expr"]):
+            walk(rule["expr"])
+    return found
+
+
+def test_vip_and_dns_follow_task_replacement(swarm: LabSwarm) -> None:
+    import signal
+    svc = json.loads(swarm.ok("service", "inspect", "search").out)[0]
+    (vip,) = [a["addr"].split("/")[0] for a in svc["vips"]]
+    before = task_ips(swarm, "search", "backend")
+    assert vip_backends(swarm, vip) == set(before.values())
+    victim = swarm.running("search")[0]
+    # The process runs in its own namespace, so find it by the task's environment.
+    pid = victim["status"]["pid"]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    gone = before[victim["id"]]
+    wait_for(lambda: gone not in vip_backends(swarm, vip), timeout=10, interval=0.02,
+             what="the killed task to leave the VIP")
+    left = time.monotonic() - t0
+    wait_for(lambda: len(swarm.running("search")) == 3, timeout=20, what="a replacement task")
+    after = set(task_ips(swarm, "search", "backend").values())
+    wait_for(lambda: vip_backends(swarm, vip) == after, timeout=10, interval=0.05,
+             what="the replacement to join the VIP")
+    joined = time.monotonic() - t0
+    print(f"\ntask killed: out of the VIP after {left:.2f}s, replacement in the VIP after "
+          f"{joined:.2f}s (restart delay 5s)")
+    out = in_client(swarm, "getent", "ahostsv4", "tasks.search")
+    assert {line.split()[0] for line in out.splitlines()} == after
+
+
+def test_restarted_node_sweeps_its_old_task_namespaces(swarm: LabSwarm) -> None:
+    node3 = swarm.nodes()["node3"]["id"]
+    on3 = [t["id"] for t in swarm.tasks("search") if t["node_id"] == node3
+           and t["status"]["state"] == "running"]
+    prefix = swarm.lab.task_netns_prefix
+    swarm.ok("lab", "kill", "node3")
+    try:
+        assert all((Path("/run/netns") / f"{prefix}{i}").exists() for i in on3), \
+            "a SIGKILLed daemon leaves its task namespaces behind"
+    finally:
+        swarm.ok("lab", "start", "node3")
+    wait_for(lambda: not any((Path("/run/netns") / f"{prefix}{i}").exists() for i in on3),
+             timeout=15, what="the restarted daemon to remove its old task namespaces")
+    wait_for(lambda: swarm.nodes()["node3"]["status"]["state"] == "ready", what="node3 back")
+    wait_for(lambda: len(swarm.running("search")) == 3, timeout=20, what="3 replicas again")

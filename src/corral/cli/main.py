@@ -45,7 +45,7 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
                help="Address other nodes reach this one at (required with --addr 0.0.0.0)")] = None,
            runtime: Annotated[str, typer.Option(
                help="Task runtime: process, netns (own network namespace per task; root) "
-                    "or auto (netns when root)")] = "process",
+                    "or auto (netns when root on Linux)")] = "auto",
            task_netns_prefix: Annotated[str, typer.Option(
                help="Name prefix of the task network namespaces this daemon makes")] = "corral-t-",
            ) -> None:

@@ -320,6 +320,10 @@ class Lab:
             # Each node runs container-like tasks: its own namespace per task.
             argv += ["--runtime", "netns", TASK_NETNS_OPTION, self.task_netns_prefix]
             argv = self.hosts.daemon_argv(n.netns, argv)
+        else:
+            # All loopback nodes share one network namespace: task namespaces would collide
+            # (one bridge per network for all of them), so tasks stay plain processes.
+            argv += ["--runtime", "process"]
         with open(n.log, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,42 @@
+"""Daemon settings: runtime choice and refusals, decided before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral.api.errors import InvalidArgument
+from corral.daemon import config as config_mod
+from corral.daemon.config import DaemonConfig
+
+
+def make(**kw: object) -> DaemonConfig:
+    return DaemonConfig(addr=str(kw.pop("addr", "127.0.0.1")), data_dir=Path("/tmp/x"),
+                        hostname="n1", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("euid", "expected"), [(0, "netns"), (1000, "process")])
+def test_auto_runtime_is_netns_only_for_root(monkeypatch: pytest.MonkeyPatch, euid: int,
+                                             expected: str) -> None:
+    monkeypatch.setattr(config_mod.os, "geteuid", lambda: euid)
+    assert DaemonConfig.parse_runtime("auto") == expected
+    assert DaemonConfig.parse_runtime(None) == expected
+    assert DaemonConfig.parse_runtime("process") == "process"
+
+
+def test_netns_runtime_without_root_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_mod.os, "geteuid", lambda: 1000)
+    with pytest.raises(InvalidArgument, match="--runtime netns needs root"):
+        make(runtime="netns")
+
+
+def test_bad_runtime_name() -> None:
+    with pytest.raises(InvalidArgument, match="invalid --runtime 'docker'"):
+        DaemonConfig.parse_runtime("docker")
+
+
+def test_wildcard_address_needs_an_advertise_address() -> None:
+    with pytest.raises(InvalidArgument, match="--advertise-addr is required"):
+        make(addr="0.0.0.0")
+    assert make(addr="0.0.0.0", advertise_addr="192.0.2.10").advertise == "192.0.2.10"
