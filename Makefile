@@ -38,3 +38,4 @@ clean:
 
 bench: install
 	$(PY) bench/convergence.py
+	$(PY) bench/overlay.py
