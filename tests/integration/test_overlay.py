@@ -142,6 +142,7 @@ def test_network_bad_input(swarm: LabSwarm) -> None:
 def test_full_subnet_leaves_tasks_waiting_with_the_reason(swarm: LabSwarm) -> None:
     # /29: 6 hosts; .1 is the gateway, 3 go to the nodes, 1 to the VIP: room for 1 task.
     swarm.ok("network", "create", "--subnet", "10.21.0.0/29", "tiny")
+    vni = json.loads(swarm.ok("network", "inspect", "tiny").out)[0]["vni"]
     swarm.ok("service", "create", "--name", "crowd", "--replicas", "3", "--network", "tiny",
              "-d", "whoami")
     try:
@@ -154,6 +155,10 @@ def test_full_subnet_leaves_tasks_waiting_with_the_reason(swarm: LabSwarm) -> No
         swarm.ok("service", "rm", "crowd")
         wait_for(lambda: swarm.cli("network", "rm", "tiny").code == 0, timeout=15,
                  what="the network to be removable once its tasks are gone")
+    # Every node takes its bridge and VXLAN device for the network down again.
+    for node in ("node1", "node2", "node3"):
+        wait_for(lambda: f"cb{vni}" not in swarm.exec(node, "ip", "-br", "link").out, timeout=10,
+                 what=f"{node} to delete the network's links")
 
 
 def test_service_rm_leaves_no_namespace(swarm: LabSwarm) -> None:
