@@ -15,6 +15,8 @@ import uvloop
 
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
 
+Scenario = Callable[[], Awaitable[None]]
+
 
 
 
@@ -35,8 +37,12 @@ class EchoBackend:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def start(self) -> EchoBackend:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def start(self, sock: socket.socket | None = None) -> EchoBackend:
+        if sock is None:
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        else:  # an already bound socket: serve on exactly its port
+            sock.listen()
+            self.server = await asyncio.start_server(self._handle, sock=sock)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -351,3 +357,104 @@ def test_close_drops_listeners_and_connections(run: Callable[[Scenario], None]) 
             await mesh.close()  # idempotent
 
     run(scenario)
+
+
+def test_dead_backend_is_ejected_then_readmitted(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(2) as (mesh, bs, writers):
+            # Bound but not listening: connects to it are refused. listen()
+            # later revives it on the very same port, with no race.
+            dead_sock = socket.socket()
+            revived = EchoBackend("dead")
+            try:
+                dead_sock.bind(("127.0.0.1", 0))
+                dead = Backend("127.0.0.1", dead_sock.getsockname()[1], task_id="dead")
+                port = free_port()
+                await mesh.apply({PublishedPort(port): [dead, bs[0].backend, bs[1].backend]})
+
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                seen = []
+                for i in range(30):  # spread over ~1 s: two ejection periods of base 0.5 s
+                    seen.append(await hello(port, writers))
+                    if i == 0:
+                        assert mesh.ejected(port) == {dead}
+                    await asyncio.sleep(1.0 / 30)
+                # ~1 s; even at 3 s there would be at most 3 attempts (t=0, 0.5, 1.5).
+                assert loop.time() - start < 3.0
+                assert set(seen) == {"b0", "b1"}  # every client answered, by the live ones
+                st = mesh.stats(port)
+                assert st.rejected == 0
+                # Not retried on every connection: at t=0, maybe at t=0.5 (then out for 1 s).
+                assert 1 <= st.failed_connects <= 3
+                assert st.ejections == st.failed_connects
+
+                # The backend comes back; once its ejection ends it gets traffic again.
+                await revived.start(dead_sock)
+                while mesh.ejected(port):
+                    await asyncio.sleep(0.05)
+                after = [await hello(port, writers) for _ in range(6)]
+                assert after.count("dead") == 2  # plain round-robin again
+                assert mesh.ejected(port) == set()
+                assert mesh.stats(port).failed_connects == st.failed_connects
+            finally:
+                revived.close()
+                dead_sock.close()
+
+    run(scenario)
+
+
+def test_burst_with_dead_backend_all_clients_served(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(2) as (mesh, bs, writers):
+            port = free_port()
+            dead = Backend("127.0.0.1", free_port(), task_id="dead")
+            await mesh.apply({PublishedPort(port): [dead, bs[0].backend, bs[1].backend]})
+            # Concurrent clients: several may pick the dead backend before the
+            # first refusal comes back; each is retried on a live backend.
+            seen = await asyncio.gather(*(hello(port, writers) for _ in range(30)))
+            assert set(seen) == {"b0", "b1"}
+            st = mesh.stats(port)
+            assert st.rejected == 0 and st.failed_connects >= 1
+            assert mesh.ejected(port) == {dead}
+            # The ejection state follows the backend list across apply().
+            await mesh.apply({PublishedPort(port): [dead, bs[0].backend]})
+            assert mesh.ejected(port) == {dead}
+            await mesh.apply({PublishedPort(port): [bs[0].backend]})
+            assert mesh.ejected(port) == set()
+            await mesh.apply({PublishedPort(port): [dead, bs[0].backend]})
+            assert mesh.ejected(port) == set()  # re-added: starts clean
+            assert mesh.ejected(free_port()) == set()  # no listener: nothing ejected
+
+    run(scenario)
+
+
+def test_all_backends_ejected_still_serves_recovered_one(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with cluster(0) as (mesh, _, writers):
+            sock = socket.socket()
+            recovered = EchoBackend("only")
+            try:
+                sock.bind(("127.0.0.1", 0))
+                only = Backend("127.0.0.1", sock.getsockname()[1], task_id="only")
+                port = free_port()
+                await mesh.apply({PublishedPort(port): [only]})
+                r, _ = await connect(port, writers)
+                assert await read_closed(r) == b""
+                assert mesh.ejected(port) == {only}
+                # Recovered while still marked: fail open, the client is served.
+                await recovered.start(sock)
+                assert await hello(port, writers) == "only"
+                assert mesh.ejected(port) == set()
+                st = mesh.stats(port)
+                assert (st.rejected, st.failed_connects, st.ejections) == (1, 1, 1)
+            finally:
+                recovered.close()
+                sock.close()
+
+    run(scenario)
+
+
+def test_eject_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        IngressMesh("127.0.0.1", eject_base=-1)

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 import uvloop
@@ -19,14 +20,26 @@ from corral.dataplane.proxy import (
     bind_error_message,
 )
 
+Scenario = Callable[[], Awaitable[None]]
+
 
 A, B, C = (Backend("127.0.0.1", p) for p in (1001, 1002, 1003))
 
 
-def make_route(backends: list[Backend], timeout: float = 1.0) -> Route:
-    route = Route(PortStats(), set(), timeout)
+def make_route(backends: list[Backend], timeout: float = 1.0, **kw: Any) -> Route:
+    route = Route(PortStats(), set(), timeout, **kw)
     route.set_backends(backends)
     return route
+
+
+class FakeClock:
+    """A monotonic clock the test advances by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # --- backend choice (pure) -------------------------------------------------
@@ -53,6 +66,111 @@ def test_set_backends_copies_and_swaps() -> None:
     assert route.backends == (A, B)
     route.set_backends([C])
     assert {route.pick(()) for _ in range(3)} == {C}
+
+
+# --- passive failure detection (pure, fake clock) ---------------------------
+
+
+def test_failed_backend_is_skipped_until_its_ejection_ends() -> None:
+    clock = FakeClock()
+    route = make_route([A, B, C], clock=clock)
+    assert route.pick(()) is A
+    route.record_failure(A)
+    assert route.ejected() == {A}
+    assert route.stats.ejections == 1
+    # Round-robin among the others while A is out.
+    assert [route.pick(()) for _ in range(6)] == [B, C, B, C, B, C]
+    clock.now = 100.49
+    assert A not in [route.pick(()) for _ in range(6)]
+    clock.now = 100.5  # exactly base (0.5 s) later: back in rotation
+    assert route.ejected() == set()
+    assert {route.pick(()) for _ in range(3)} == {A, B, C}
+    # Ejection ended but A has not succeeded yet: its failure count is kept.
+    assert route.health[(A.addr, A.port)].failures == 1
+
+
+def test_ejection_doubles_and_caps_and_success_resets() -> None:
+    clock = FakeClock()
+    route = make_route([A, B], clock=clock, eject_base=0.5, eject_max=3.0)
+    key = (A.addr, A.port)
+    durations = []
+    for _ in range(6):
+        route.record_failure(A)
+        durations.append(route.health[key].ejected_until - clock.now)
+        clock.now += 100  # the ejection ends before the next failure
+    assert durations == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert route.stats.ejections == 6
+
+    # Stays capped (and finite) however long a backend keeps failing.
+    route.health[key].failures = 5000
+    route.record_failure(A)
+    assert route.health[key].ejected_until - clock.now == 3.0
+
+    route.record_success(A)
+    assert route.health == {}
+    route.record_failure(A)
+    assert route.health[key].failures == 1
+    assert route.health[key].ejected_until - clock.now == 0.5
+
+
+def test_failures_during_an_ejection_count_once() -> None:
+    clock = FakeClock()
+    route = make_route([A, B], clock=clock)
+    for _ in range(10):  # e.g. a burst of connects in flight at once, all refused
+        route.record_failure(A)
+    assert route.stats.ejections == 1
+    assert route.health[(A.addr, A.port)].failures == 1
+    assert route.health[(A.addr, A.port)].ejected_until == clock.now + 0.5
+
+
+def test_all_ejected_falls_back_to_soonest_to_recover() -> None:
+    clock = FakeClock()
+    route = make_route([A, B, C], clock=clock)
+    route.record_failure(A)
+    clock.now += 0.6  # A's first ejection is over: its second one lasts 1.0 s
+    for b in (A, B, C):  # A: 1.0 s, B: 0.5 s, C: 0.5 s but ejected later
+        route.record_failure(b)
+        clock.now += 0.01
+    assert route.ejected() == {A, B, C}
+    # Fail open: never None while an untried backend exists.
+    assert [route.pick(()) for _ in range(3)] == [B, B, B]
+    assert route.pick([B]) is C
+    assert route.pick([B, C]) is A
+    assert route.pick([A, B, C]) is None
+    # An untried healthy backend still wins over the ejected ones.
+    route.record_success(C)
+    assert route.pick(()) is C
+    assert route.pick([C]) is B
+
+
+def test_removed_and_readded_backend_starts_clean() -> None:
+    clock = FakeClock()
+    route = make_route([A, B], clock=clock)
+    route.record_failure(A)
+    route.record_failure(B)
+    # Staying in the list keeps health, even with another task id.
+    route.set_backends([Backend(B.addr, B.port, "other-task"), C])
+    assert set(route.health) == {(B.addr, B.port)}
+    assert route.ejected() == {Backend(B.addr, B.port, "other-task")}
+    route.set_backends([A, B, C])
+    assert set(route.health) == {(B.addr, B.port)}
+    assert route.ejected() == {B}
+    assert [route.pick(()) for _ in range(3)] == [A, C, A]
+    # A failure reported for a backend no longer listed (a connect in flight
+    # across an apply) is not recorded.
+    route.set_backends([B])
+    assert route.health == {(B.addr, B.port): route.health[(B.addr, B.port)]}
+    route.record_failure(A)
+    assert (A.addr, A.port) not in route.health
+    route.set_backends([])
+    assert route.health == {}
+
+
+def test_zero_base_disables_ejection() -> None:
+    route = make_route([A, B], clock=FakeClock(), eject_base=0.0)
+    route.record_failure(A)
+    assert route.ejected() == set()
+    assert [route.pick(()) for _ in range(2)] == [A, B]
 
 
 def test_bind_error_message() -> None:

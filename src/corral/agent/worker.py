@@ -14,14 +14,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from corral.agent.drain import connections
 from corral.agent.exec import Controller, Executor, TaskFailed, TaskRejected
+from corral.agent.health import Health, make_probe, watch_health
 from corral.agent.session import ManagerSession, SessionRefused
+from corral.api.errors import CorralError
 from corral.api.types import Task, TaskState
 from corral.manager.dispatcher import Assignments, Endpoint, StatusUpdate
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[StatusUpdate], None]
+
+# How long a stopping task waits for every node to drop it from its balancers before counting
+# its connections (Swarm waits a fixed 2 s), and the least time SIGTERM gets before SIGKILL.
+DRAIN_PROPAGATION = 0.5
+MIN_TERM_GRACE = 1.0
 
 
 async def wait_listening(addr: str, port: int, timeout: float, alive: Callable[[], bool]) -> bool:
@@ -48,6 +56,9 @@ class TaskRunner:
         self._report = report
         self.changed = asyncio.Event()
         self.state = task.status.state
+        self.health = ""  # docker's health status while running ("" = no health check)
+        self.health_output = ""
+        self.unhealthy = False
 
     def set_task(self, task: Task) -> None:
         """A newer copy of the task arrived (its desired state may have changed)."""
@@ -69,7 +80,8 @@ class TaskRunner:
         if addr in ("0.0.0.0", "::", "") and self.advertise_addr:
             addr = self.advertise_addr  # a task bound to all addresses is reached at the node's
         self._report(StatusUpdate(task_id=self.task.id, state=state, message=message, err=err,
-                                  exit_code=exit_code, addr=addr, port=port, pid=self.ctl.pid))
+                                  exit_code=exit_code, addr=addr, port=port, pid=self.ctl.pid,
+                                  health=self.health if state is TaskState.RUNNING else ""))
 
     async def _until(self, cond: Callable[[], bool]) -> None:
         while not cond():
@@ -118,19 +130,33 @@ class TaskRunner:
             self.report(TaskState.FAILED, "starting failed", err=str(exc))
             return
         exited = asyncio.ensure_future(self.ctl.wait())
+        health: asyncio.Future[None] | None = None
+        grace = self.task.spec.stop_grace_period
         try:
-            if self.task.ports:
-                addr, port = self.ctl.endpoint
+            addr, port = self.listen_addr()
+            if self.task.ports and port:
                 await wait_listening(addr, port, 5.0, lambda: not exited.done())
             if not exited.done():
+                health = self._start_health(addr, port)
                 self.report(TaskState.RUNNING, "started")
-            stop = asyncio.ensure_future(self._until(lambda: self.stopping))
+            stop = asyncio.ensure_future(self._until(lambda: self.stopping or self.unhealthy))
             try:
                 await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
+            if health is not None:
+                health.cancel()
+            if not exited.done() and self.unhealthy and not self.stopping:
+                # Liveness: an unhealthy task is killed and the orchestrator replaces it.
+                await self.ctl.shutdown(grace)
+                await exited
+                self.report(TaskState.FAILED, "unhealthy",
+                            err=f"task: unhealthy container ({self.health_output})",
+                            exit_code=exited.result())
+                return
             if not exited.done():
-                await self.ctl.shutdown(self.task.spec.stop_grace_period)
+                remaining = await self._drain(port, exited, grace)
+                await self.ctl.shutdown(remaining)
                 await exited
                 self.report(TaskState.SHUTDOWN, "shutdown", exit_code=exited.result())
                 return
@@ -145,6 +171,57 @@ class TaskRunner:
         finally:
             if not exited.done():
                 exited.cancel()
+            if health is not None:
+                health.cancel()
+
+    def listen_addr(self) -> tuple[str, int]:
+        """Where the task serves: a process task's own port, or a netns task's target port."""
+        addr, port = self.ctl.endpoint
+        if not port and self.task.ports:
+            port = self.task.ports[0].target_port
+        return addr, port
+
+    def _start_health(self, addr: str, port: int) -> asyncio.Future[None] | None:
+        """Start probing the task if it has a health check; it is routable once healthy."""
+        cfg = self.task.spec.healthcheck
+        if cfg is None:
+            return None
+        netns = getattr(self.ctl, "netns", None)
+        env = getattr(self.ctl, "environment", None)
+        try:
+            probe = make_probe(cfg, addr=addr, port=port,
+                               netns=netns if isinstance(netns, str) else None,
+                               env=env() if callable(env) else None)
+        except (ValueError, CorralError) as exc:
+            self.health, self.health_output = Health.UNHEALTHY.value, str(exc)
+            self.unhealthy = True
+            return None
+        if probe is None:
+            return None
+        self.health = Health.STARTING.value
+
+        def changed(state: Health, output: str) -> None:
+            self.health, self.health_output = state.value, output
+            self.report(TaskState.RUNNING, f"health: {state.value}")
+            if state is Health.UNHEALTHY:
+                self.unhealthy = True
+                self.changed.set()
+        return asyncio.ensure_future(watch_health(cfg, probe, changed))
+
+    async def _drain(self, port: int, exited: asyncio.Future[int], grace: float) -> float:
+        """Out of every balancer first, then let in-flight connections finish (up to the
+        grace period); returns how much of the grace period is left for SIGTERM."""
+        if not (self.task.ports or self.task.networks):
+            return grace  # never behind a balancer
+        start = time.monotonic()
+        # Every node's mesh and VIP rules learn of the change through the same long-poll:
+        # give that a moment before counting connections.
+        await asyncio.sleep(min(DRAIN_PROPAGATION, grace))
+        pid = self.ctl.pid
+        while (port and pid and not exited.done() and time.monotonic() - start < grace
+               and connections(pid, port) > 0):
+            await asyncio.sleep(0.05)
+        return max(MIN_TERM_GRACE, grace - (time.monotonic() - start))
 
 
 class Agent:

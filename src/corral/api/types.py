@@ -140,6 +140,22 @@ class Placement(Model):
     max_replicas: StrictInt = Field(default=0, ge=0)  # per node; 0 = no limit
 
 
+class HealthConfig(Model):
+    """How to tell whether a task is healthy (docker's HEALTHCHECK, plus built-in probes).
+
+    Exactly one kind of probe: `test` (a command run inside the task: argv), `http_path`
+    (GET on the task's port; 2xx/3xx is healthy) or `tcp` (the task's port accepts).
+    """
+
+    test: list[str] = Field(default_factory=list)
+    http_path: str | None = None
+    tcp: bool = False
+    interval: float = Field(default=30.0, gt=0)
+    timeout: float = Field(default=30.0, gt=0)
+    retries: StrictInt = Field(default=3, ge=1)
+    start_period: float = Field(default=0.0, ge=0)
+
+
 class ContainerSpec(Model):
     """What a task runs. With the process runtime, `image` names a built-in app or an executable."""
 
@@ -148,6 +164,18 @@ class ContainerSpec(Model):
     args: list[str] = Field(default_factory=list)
     env: list[Annotated[str, Field(pattern=r"^[^=]+=")]] = Field(default_factory=list)  # "K=V"
     stop_grace_period: float = Field(default=10.0, ge=0)
+    healthcheck: HealthConfig | None = None
+
+
+class UpdateConfig(Model):
+    """How a rolling update (or a rollback) replaces tasks; docker's defaults."""
+
+    parallelism: StrictInt = Field(default=1, ge=0)  # 0 = all at once
+    delay: float = Field(default=0.0, ge=0)
+    failure_action: Literal["pause", "continue", "rollback"] = "pause"
+    monitor: float = Field(default=5.0, ge=0)
+    max_failure_ratio: float = Field(default=0.0, ge=0, le=1)
+    order: Literal["stop-first", "start-first"] = "stop-first"
 
 
 class ServiceSpec(Model):
@@ -162,6 +190,24 @@ class ServiceSpec(Model):
     # Overlay networks by name or ID (resolved to IDs when the service is created).
     networks: list[str] = Field(default_factory=list)
     endpoint_mode: Literal["vip", "dnsrr"] = "vip"
+    update_config: UpdateConfig = Field(default_factory=UpdateConfig)
+    rollback_config: UpdateConfig = Field(default_factory=UpdateConfig)
+
+
+UpdateState = Literal["updating", "paused", "completed", "rollback_started", "rollback_paused",
+                      "rollback_completed"]
+
+
+class UpdateStatus(Model):
+    """Where the last rolling update (or rollback) of a service stands."""
+
+    state: UpdateState
+    started_at: float = Field(default_factory=now)
+    completed_at: float | None = None
+    message: str = ""
+    failures: int = 0
+    # Slots updated so far (start-first and stop-first both finish a slot before counting it).
+    updated: int = 0
 
 
 class Service(Model):
@@ -174,6 +220,11 @@ class Service(Model):
     spec_version: int = 1
     # One virtual IP per attached network (endpoint mode vip), given by the allocator.
     vips: list[NetworkAttachment] = Field(default_factory=list)
+    previous_spec: ServiceSpec | None = None
+    update_status: UpdateStatus | None = None
+    # `service update --force` sets this to the new spec version: older tasks get replaced
+    # even when their spec is unchanged.
+    force_version: int = 0
 
 
 # --------------------------------------------------------------------------- tasks
@@ -240,6 +291,10 @@ class TaskStatus(Model):
     addr: str = ""
     port: int = 0
     pid: int = 0
+    # When the task started running (set by the dispatcher; the updater's monitor window).
+    started_at: float | None = None
+    # "" (no health check), "starting", "healthy" or "unhealthy" — docker's health status.
+    health: Literal["", "starting", "healthy", "unhealthy"] = ""
 
 
 class Task(Model):
@@ -258,6 +313,8 @@ class Task(Model):
     restart_at: float = 0.0
     # How many tasks this slot ran before this one (checked against restart max attempts).
     attempt: int = 0
+    # Stop-first updates: this task may only start once the task it replaces has stopped.
+    replaces: str = ""
     # Published ports of the service, copied so agents and the mesh need no service lookup.
     ports: list[PortConfig] = Field(default_factory=list)
     # The task's addresses on its networks, given by the allocator before scheduling.

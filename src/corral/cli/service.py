@@ -24,22 +24,12 @@ from corral.api.types import (
 )
 from corral.cli.context import client, echo_json, print_table
 from corral.cli.parse import check_port_conflicts, parse_duration, parse_env, parse_label, parse_publish
-from corral.cli.render import (
-    VERIFY_CONVERGED,
-    ProgressDisplay,
-    progress_lines,
-    service_ls_rows,
-    service_ps_rows,
-    to_json_lines,
-    verify_waiting_message,
-)
+from corral.cli import specflags as sf
+from corral.cli.progress import nodes_of, tasks_of, wait_converged
+from corral.cli.render import service_ls_rows, service_ps_rows, to_json_lines
 from corral.client import Client
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Manage swarm services.")
-
-# How long tasks must stay running before the progress display says "converged"
-# (docker waits for the update monitor period, 5 s by default).
-VERIFY_SECONDS = 2
 
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only display IDs")]
 Format = Annotated[Optional[str], typer.Option("--format", help="json: one object per line")]
@@ -51,55 +41,8 @@ def _service(c: Client, ref: str) -> Service:
     return Service.model_validate(c.get(f"/v1/services/{ref}"))
 
 
-def _tasks(c: Client, service: str | None = None) -> list[Task]:
-    return [Task.model_validate(t) for t in c.get("/v1/tasks", service=service)]
-
-
-def _nodes(c: Client) -> dict[str, Node]:
-    return {n["id"]: Node.model_validate(n) for n in c.get("/v1/nodes")}
-
-
-def converged(service: Service, tasks: list[Task]) -> bool:
-    """Every wanted task runs, and nothing being removed is still running."""
-    mine = [t for t in tasks if t.service_id == service.id]
-    running = [t for t in mine if t.desired_state is TaskState.RUNNING
-               and t.status.state is TaskState.RUNNING and t.spec_version == service.spec_version]
-    leftovers = [t for t in mine if t.desired_state > TaskState.RUNNING and not t.status.state.terminal
-                 and t.node_id]
-    if service.spec.mode is ServiceMode.GLOBAL:
-        wanted = [t for t in mine if t.desired_state is TaskState.RUNNING]
-        return bool(wanted) and len(running) == len(wanted) and not leftovers
-    slots = {t.slot for t in running}
-    return slots >= set(range(1, service.spec.replicas + 1)) and not leftovers
-
-
-def wait_converged(c: Client, service_id: str) -> None:
-    """docker's progress display: redraw until converged and stable, or Ctrl-C."""
-    display = ProgressDisplay()
-    stable_since: float | None = None
-    lines: list[str] = []
-    try:
-        while True:
-            svc = _service(c, service_id)
-            tasks = _tasks(c, service_id)
-            nodes = _nodes(c)
-            verify = None
-            if converged(svc, tasks):
-                stable_since = stable_since or time.monotonic()
-                left = VERIFY_SECONDS - (time.monotonic() - stable_since)
-                if left <= 0:
-                    display.finish(progress_lines(svc, tasks, nodes, verify=VERIFY_CONVERGED))
-                    return
-                verify = verify_waiting_message(VERIFY_SECONDS)
-            else:
-                stable_since = None
-            lines = progress_lines(svc, tasks, nodes, verify=verify)
-            display.update(lines)
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        display.finish(lines)
-        typer.echo("Operation continuing in background.")
-        typer.echo(f"Use `corral service ps {service_id[:12]}` to check progress.")
+_tasks = tasks_of
+_nodes = nodes_of
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -124,6 +67,26 @@ def create(
     restart_delay: Annotated[str, typer.Option(help="Delay between restart attempts")] = "5s",
     restart_max_attempts: Annotated[int, typer.Option(help="Maximum restarts (0 = unlimited)")] = 0,
     stop_grace_period: Annotated[str, typer.Option(help="Time to wait before force killing a task")] = "10s",
+    health_cmd: sf.HealthCmd = None,
+    health_http: sf.HealthHttp = None,
+    health_tcp: sf.HealthTcp = False,
+    health_interval: sf.HealthInterval = None,
+    health_timeout: sf.HealthTimeout = None,
+    health_retries: sf.HealthRetries = None,
+    health_start_period: sf.HealthStart = None,
+    no_healthcheck: sf.NoHealth = False,
+    update_parallelism: sf.Parallelism = None,
+    update_delay: sf.Delay = None,
+    update_failure_action: sf.FailureAction = None,
+    update_monitor: sf.Monitor = None,
+    update_max_failure_ratio: sf.Ratio = None,
+    update_order: sf.Order = None,
+    rollback_parallelism: sf.Parallelism = None,
+    rollback_delay: sf.Delay = None,
+    rollback_failure_action: sf.FailureAction = None,
+    rollback_monitor: sf.Monitor = None,
+    rollback_max_failure_ratio: sf.Ratio = None,
+    rollback_order: sf.Order = None,
     detach: Detach = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Suppress progress output")] = False,
 ) -> None:
@@ -163,6 +126,14 @@ def create(
         networks=network or [],
         endpoint_mode="dnsrr" if endpoint_mode == "dnsrr" else "vip",
     )
+    spec = sf.apply_all(
+        spec,
+        sf.HealthFlags(health_cmd, health_http, health_tcp, health_interval, health_timeout,
+                       health_retries, health_start_period, no_healthcheck),
+        sf.UpdateFlags(update_parallelism, update_delay, update_failure_action, update_monitor,
+                       update_max_failure_ratio, update_order),
+        sf.UpdateFlags(rollback_parallelism, rollback_delay, rollback_failure_action,
+                       rollback_monitor, rollback_max_failure_ratio, rollback_order))
     c = client(ctx)
     svc = Service.model_validate(c.post("/v1/services", spec.model_dump(mode="json")))
     typer.echo(svc.id)
@@ -292,3 +263,103 @@ def logs(ctx: typer.Context, service: Annotated[str, typer.Argument(help="SERVIC
             typer.echo(ln["line"])
         else:
             typer.echo(f"{ln['task_name']}.{ln['task_id'][:12]}@{ln['node']}    | {ln['line']}")
+
+
+@app.command()
+def update(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(metavar="SERVICE")],
+    image: Annotated[Optional[str], typer.Option(help="Service image")] = None,
+    args: Annotated[Optional[str], typer.Option(help="Service command args (space separated)")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="Number of tasks")] = None,
+    env_add: Annotated[Optional[list[str]], typer.Option(help="Add or update an environment variable")] = None,
+    env_rm: Annotated[Optional[list[str]], typer.Option(help="Remove an environment variable")] = None,
+    publish_add: Annotated[Optional[list[str]], typer.Option(help="Add or update a published port")] = None,
+    publish_rm: Annotated[Optional[list[str]], typer.Option(help="Remove a published port by its published port")] = None,
+    constraint_add: Annotated[Optional[list[str]], typer.Option(help="Add a placement constraint")] = None,
+    constraint_rm: Annotated[Optional[list[str]], typer.Option(help="Remove a placement constraint")] = None,
+    stop_grace_period: Annotated[Optional[str], typer.Option(help="Time to wait before force killing a task")] = None,
+    health_cmd: sf.HealthCmd = None,
+    health_http: sf.HealthHttp = None,
+    health_tcp: sf.HealthTcp = False,
+    health_interval: sf.HealthInterval = None,
+    health_timeout: sf.HealthTimeout = None,
+    health_retries: sf.HealthRetries = None,
+    health_start_period: sf.HealthStart = None,
+    no_healthcheck: sf.NoHealth = False,
+    update_parallelism: sf.Parallelism = None,
+    update_delay: sf.Delay = None,
+    update_failure_action: sf.FailureAction = None,
+    update_monitor: sf.Monitor = None,
+    update_max_failure_ratio: sf.Ratio = None,
+    update_order: sf.Order = None,
+    rollback_parallelism: sf.Parallelism = None,
+    rollback_delay: sf.Delay = None,
+    rollback_failure_action: sf.FailureAction = None,
+    rollback_monitor: sf.Monitor = None,
+    rollback_max_failure_ratio: sf.Ratio = None,
+    rollback_order: sf.Order = None,
+    force: Annotated[bool, typer.Option(help="Replace the tasks even if nothing changed")] = False,
+    detach: Detach = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Suppress progress output")] = False,
+) -> None:
+    """Update a service (a rolling update when its tasks must change)."""
+    c = client(ctx)
+    svc = Service.model_validate(c.get(f"/v1/services/{service}"))
+    spec = svc.spec
+    task = spec.task
+    if image is not None:
+        task = task.model_copy(update={"image": image})
+    if args is not None:
+        import shlex
+        task = task.model_copy(update={"args": shlex.split(args)})
+    if env_add or env_rm:
+        drop = set(env_rm or []) | {e.split("=", 1)[0] for e in parse_env(env_add or [])}
+        kept = [e for e in task.env if e.split("=", 1)[0] not in drop]
+        task = task.model_copy(update={"env": kept + parse_env(env_add or [])})
+    if stop_grace_period is not None:
+        task = task.model_copy(update={"stop_grace_period": parse_duration(stop_grace_period)})
+    ports = list(spec.ports)
+    if publish_rm:
+        gone = {int(p.split("/")[0].split(":")[0]) for p in publish_rm if p.split("/")[0].split(":")[0].isdigit()}
+        if len(gone) != len(publish_rm):
+            raise InvalidArgument("--publish-rm takes published port numbers (e.g. 8080)")
+        ports = [p for p in ports if p.published_port not in gone]
+    for p in (parse_publish(x) for x in publish_add or []):
+        ports = [q for q in ports if (q.published_port, q.protocol) != (p.published_port, p.protocol)] + [p]
+    check_port_conflicts(ports)
+    constraints = [x for x in spec.placement.constraints if x not in (constraint_rm or [])]
+    constraints += [x for x in constraint_add or [] if x not in constraints]
+    from corral.manager.constraints import parse_constraints
+    parse_constraints(constraints)
+    if replicas is not None and not 0 <= replicas <= MAX_REPLICAS:
+        raise InvalidArgument(f"invalid replicas value {replicas}: must be between 0 and {MAX_REPLICAS}")
+    spec = spec.model_copy(update={
+        "task": task, "ports": ports,
+        "placement": spec.placement.model_copy(update={"constraints": constraints}),
+        "replicas": spec.replicas if replicas is None else replicas})
+    spec = sf.apply_all(
+        spec,
+        sf.HealthFlags(health_cmd, health_http, health_tcp, health_interval, health_timeout,
+                       health_retries, health_start_period, no_healthcheck),
+        sf.UpdateFlags(update_parallelism, update_delay, update_failure_action, update_monitor,
+                       update_max_failure_ratio, update_order),
+        sf.UpdateFlags(rollback_parallelism, rollback_delay, rollback_failure_action,
+                       rollback_monitor, rollback_max_failure_ratio, rollback_order))
+    updated = Service.model_validate(c.post(f"/v1/services/{svc.id}/update",
+                                            {"spec": spec.model_dump(mode="json"), "force": force}))
+    typer.echo(service)
+    if not detach and not quiet:
+        wait_converged(c, updated.id)
+
+
+@app.command()
+def rollback(ctx: typer.Context, service: Annotated[str, typer.Argument(metavar="SERVICE")],
+             detach: Detach = False,
+             quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Suppress progress output")] = False) -> None:
+    """Revert a service to its spec before the last update."""
+    c = client(ctx)
+    svc = Service.model_validate(c.post(f"/v1/services/{service}/rollback"))
+    typer.echo(service)
+    if not detach and not quiet:
+        wait_converged(c, svc.id)

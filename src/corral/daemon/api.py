@@ -59,6 +59,11 @@ class TokenResponse(Model):
     manager_addr: str
 
 
+class UpdateRequest(Model):
+    spec: ServiceSpec
+    force: bool = False
+
+
 class ScaleRequest(Model):
     replicas: StrictInt
 
@@ -228,6 +233,14 @@ def make_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/services/{ref}/scale")
     async def scale(ref: str, req: ScaleRequest, mgr: Mgr) -> Service:
         return mgr.control.scale(ref, req.replicas)
+
+    @app.post("/v1/services/{ref}/update")
+    async def update_service(ref: str, req: UpdateRequest, mgr: Mgr) -> Service:
+        return mgr.control.update_service(ref, req.spec, req.force)
+
+    @app.post("/v1/services/{ref}/rollback")
+    async def rollback_service(ref: str, mgr: Mgr) -> Service:
+        return mgr.control.rollback_service(ref)
 
     @app.delete("/v1/services/{ref}")
     async def remove_service(ref: str, mgr: Mgr) -> Service:

@@ -7,8 +7,10 @@ published port -> backends); the data plane never reads a store. ``apply``
 reconciles listeners against that map: it opens listeners for new ports,
 closes listeners of removed ports (the port is free when ``apply`` returns),
 and atomically swaps the backend tuple of existing ports. Per-connection work
-(round-robin choice, upstream connect with retries, the bidirectional copy)
-lives in :mod:`corral.dataplane.proxy`.
+(round-robin choice, passive failure detection that ejects backends whose
+connects fail, upstream connect with retries, the bidirectional copy) lives in
+:mod:`corral.dataplane.proxy`. Ejection state lives in each port's route, so it
+survives ``apply`` for backends that stay listed and is forgotten for the rest.
 
 Listeners are keyed by :class:`PublishedPort` (port + protocol) so a UDP
 listener can be added beside the TCP one later.
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from corral.dataplane.proxy import (
     Backend,
@@ -60,12 +63,24 @@ class IngressMesh:
     """The node's userspace routing mesh."""
 
     def __init__(self, listen_addr: str, *, connect_timeout: float = 2.0,
-                 bind_source: bool = True) -> None:
+                 bind_source: bool = True, eject_base: float = 0.5,
+                 eject_max: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """Configure the mesh; nothing is bound until :meth:`apply`.
 
         With `bind_source`, upstream connections leave from `listen_addr`; without it the
         kernel picks the source (on an overlay: the node's own address on that network).
+
+        A backend whose connect fails is ejected from rotation for
+        ``min(eject_base * 2**(failures-1), eject_max)`` seconds of `clock`
+        (``failures`` = consecutive failed connects; a success resets it).
+        ``eject_base=0`` disables ejection.
         """
+        if eject_base < 0 or eject_max < 0:
+            raise ValueError("eject_base and eject_max must be >= 0")
+        self._eject_base = eject_base
+        self._eject_max = eject_max
+        self._clock = clock
         self._listen_addr = listen_addr
         self._bind_source = bind_source
         self._connect_timeout = connect_timeout
@@ -107,7 +122,9 @@ class IngressMesh:
         stats = self._stats.setdefault(pp, PortStats())
         source = (self._listen_addr if self._bind_source
                   and self._listen_addr not in ("", "0.0.0.0", "::") else None)
-        route = Route(stats, self._conns, self._connect_timeout, source)
+        route = Route(stats, self._conns, self._connect_timeout, source,
+                      eject_base=self._eject_base, eject_max=self._eject_max,
+                      clock=self._clock)
         # Backends are set before the first accept can happen.
         route.set_backends(backends)
         loop = asyncio.get_running_loop()
@@ -132,6 +149,15 @@ class IngressMesh:
         """A snapshot of the counters of ``port``; KeyError if it was never applied."""
         pp = PublishedPort(port) if isinstance(port, int) else port
         return dataclasses.replace(self._stats[pp])
+
+    def ejected(self, port: PublishedPort | int) -> set[Backend]:
+        """Backends of ``port`` currently out of rotation after failed connects.
+
+        Empty for a port without a listener.
+        """
+        pp = PublishedPort(port) if isinstance(port, int) else port
+        listener = self._listeners.get(pp)
+        return set() if listener is None else listener.route.ejected()
 
     async def close(self) -> None:
         """Close every listener and every proxied connection."""

@@ -5,7 +5,8 @@ How this works: a listener accepts a client connection and creates a
 in the kernel, not in our memory; uvloop ignores that first pause, so at most
 one early read is held) and starts a small task that connects to a backend
 chosen by the :class:`Route` (round-robin over the current list, each backend
-tried at most once, each attempt bounded by a timeout). When the upstream
+tried at most once, each attempt bounded by a timeout, backends that recently
+failed to connect skipped while ejected — see :class:`Route`). When the upstream
 connects, an :class:`UpstreamSide` protocol is wired to the client side, any
 early bytes/EOF are forwarded, and the client is resumed. From then on no coroutine is
 involved: each side's ``data_received`` writes straight into the other side's
@@ -23,12 +24,14 @@ import asyncio
 import errno
 import os
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
 __all__ = [
     "Backend",
+    "BackendHealth",
     "ClientSide",
     "PortStats",
     "PublishedPort",
@@ -64,12 +67,36 @@ class PortStats:
     total: int = 0  # client connections accepted
     failed_connects: int = 0  # upstream connect attempts that failed
     rejected: int = 0  # clients closed because no backend could be reached
+    # Times a backend went from "in rotation" to "ejected" after a failed connect
+    # (a failure that only extends a running ejection is not counted again).
+    ejections: int = 0
+
+
+@dataclass(slots=True)
+class BackendHealth:
+    """Passive health of one backend that failed recently (absent = healthy)."""
+
+    failures: int = 0  # consecutive failed connects
+    ejected_until: float = 0.0  # clock() time until which it is out of rotation
 
 
 class Route:
-    """The live backend list of one published port, with round-robin state."""
+    """The live backend list of one published port, with round-robin state.
 
-    __slots__ = ("backends", "connect_timeout", "stats", "registry", "source_addr", "_rr")
+    Passive failure detection (outlier ejection): a failed connect to a backend
+    ejects it from rotation for ``eject_base * 2**(failures-1)`` seconds (capped
+    at ``eject_max``), where ``failures`` counts consecutive failed connects; a
+    successful connect clears it. Health is kept per (addr, port) in
+    :attr:`health`, which holds only backends that failed since their last
+    success, so with all backends healthy it is empty and :meth:`pick` costs
+    what it did without ejection. Entries are dropped when their backend leaves
+    the list, so a backend that is removed and re-added starts clean.
+    """
+
+    __slots__ = (
+        "backends", "connect_timeout", "stats", "registry", "source_addr",
+        "health", "eject_base", "eject_max", "clock", "_keys", "_keyset", "_rr",
+    )
 
     def __init__(
         self,
@@ -77,6 +104,10 @@ class Route:
         registry: set[ClientSide],
         connect_timeout: float,
         source_addr: str | None = None,
+        *,
+        eject_base: float = 0.5,
+        eject_max: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create an empty route; ``registry`` tracks open connections for shutdown."""
         # Upstream connections leave from the node's own address (when it has a specific
@@ -89,24 +120,106 @@ class Route:
         self.connect_timeout = connect_timeout
         self.stats = stats
         self.registry = registry
+        self.eject_base = eject_base
+        self.eject_max = eject_max
+        self.clock = clock
+        # (addr, port) -> health, only for backends that failed since their last
+        # successful connect; empty in the common case (the hot-path check).
+        self.health: dict[tuple[str, int], BackendHealth] = {}
+        # Health keys of self.backends, index for index (so pick() allocates no
+        # key tuples), and as a set for membership checks on failures.
+        self._keys: tuple[tuple[str, int], ...] = ()
+        self._keyset: frozenset[tuple[str, int]] = frozenset()
         self._rr = 0
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
-        """Atomically replace the backend list (new connections only)."""
-        self.backends = tuple(backends)
+        """Atomically replace the backend list (new connections only).
+
+        Health of backends that stay in the list is kept; health of backends
+        that left it is forgotten.
+        """
+        backends = tuple(backends)
+        keys = tuple((b.addr, b.port) for b in backends)
+        keyset = frozenset(keys)
+        self.backends, self._keys, self._keyset = backends, keys, keyset
+        health = self.health
+        if health:
+            for key in [k for k in health if k not in keyset]:
+                del health[key]
 
     def pick(self, tried: Sequence[Backend]) -> Backend | None:
-        """Return the next backend round-robin that is not in ``tried``, or None."""
+        """Return the next backend round-robin that is not in ``tried``, or None.
+
+        Ejected backends are skipped. If every backend not yet tried is ejected,
+        the one whose ejection ends soonest is returned anyway (fail open: it
+        may have recovered, and a client is never refused just because every
+        backend is marked).
+        """
         # Always consult the *current* list, so a backend removed by apply()
         # is never chosen again, even for a retry of an in-flight connection.
         backends = self.backends
         n = len(backends)
+        health = self.health
+        if not health:  # the common case: nothing ejected
+            for _ in range(n):
+                b = backends[self._rr % n]
+                self._rr += 1
+                if b not in tried:
+                    return b
+            return None
+        keys = self._keys
+        now = self.clock()
+        fallback: Backend | None = None
+        soonest = 0.0
         for _ in range(n):
-            b = backends[self._rr % n]
+            i = self._rr % n
             self._rr += 1
-            if b not in tried:
+            b = backends[i]
+            if b in tried:
+                continue
+            h = health.get(keys[i])
+            if h is None or h.ejected_until <= now:
                 return b
-        return None
+            if fallback is None or h.ejected_until < soonest:
+                fallback, soonest = b, h.ejected_until
+        return fallback
+
+    def record_failure(self, backend: Backend) -> None:
+        """A connect to ``backend`` failed: eject it for a growing time."""
+        key = (backend.addr, backend.port)
+        if key not in self._keyset:
+            # Removed from the list while we were connecting: nothing to track.
+            return
+        h = self.health.get(key)
+        if h is None:
+            h = self.health[key] = BackendHealth()
+        now = self.clock()
+        if h.ejected_until > now:
+            # Connects that were already in flight when it was ejected: one outage counts
+            # once (as Envoy does), so a burst of clients cannot push it out for the maximum.
+            return
+        self.stats.ejections += 1
+        h.failures += 1
+        # Float power with a bounded exponent: never overflows, however long a
+        # backend stays dead (base * 2.0**1000 may be inf, and min() caps it).
+        delay = min(self.eject_base * 2.0 ** min(h.failures - 1, 1000), self.eject_max)
+        h.ejected_until = now + delay
+
+    def record_success(self, backend: Backend) -> None:
+        """A connect to ``backend`` succeeded: it is healthy again."""
+        if self.health:
+            self.health.pop((backend.addr, backend.port), None)
+
+    def ejected(self) -> set[Backend]:
+        """Backends of the current list that are ejected right now."""
+        health = self.health
+        if not health:
+            return set()
+        now = self.clock()
+        return {
+            b for b, k in zip(self.backends, self._keys)
+            if (h := health.get(k)) is not None and h.ejected_until > now
+        }
 
     def make_client(self) -> ClientSide:
         """Protocol factory for the listener."""
@@ -309,11 +422,14 @@ class ClientSide(_Side):
                         )
                 except (OSError, TimeoutError):
                     route.stats.failed_connects += 1
+                    route.record_failure(backend)
                     if self.peer is not None:
                         # Timed out after the upstream was wired: that socket
                         # is being closed and takes the client with it.
                         return
                     continue
+                if route.health:  # only when some backend failed recently
+                    route.record_success(backend)
                 peer = self.peer
                 # Start the client -> backend direction, unless the client
                 # already sent EOF or the backend is already back-pressuring.

@@ -33,11 +33,13 @@ from corral.api.types import (
     ServiceSpec,
     Task,
     TaskState,
+    UpdateStatus,
     new_id,
 )
 from corral.manager.constraints import parse_constraints
 from corral.manager.dispatcher import new_node_secret, secret_digest
 from corral.manager.ipam import check_overlap, gateway_of, parse_subnet
+from corral.manager.updater import rollback
 from corral.store.base import ReadTx, Store, WriteTx
 
 TOKEN_PREFIX = "SWMTKN-1"
@@ -109,6 +111,12 @@ def resolve(objs: list[Node] | list[Service] | list[Network], ref: str, what: st
     if len(prefixed) > 1 or len(named) > 1:
         raise InvalidArgument(f"{what} {ref} is ambiguous ({len(prefixed) or len(named)} matches found)")
     raise NotFound(f"{what} {ref} not found")
+
+
+def _task_changes(old: ServiceSpec, new: ServiceSpec) -> bool:
+    """Whether going from `old` to `new` needs new tasks (not just more or fewer)."""
+    return (old.task != new.task or old.ports != new.ports
+            or old.placement != new.placement or old.endpoint_mode != new.endpoint_mode)
 
 
 class ControlAPI:
@@ -322,6 +330,48 @@ class ControlAPI:
             resolved = self._resolve_networks(spec, tx)
             self._validate(resolved, tx)
             return tx.create(Service(id=new_id(), spec=resolved))
+        return self.store.update(write)
+
+    def update_service(self, ref: str, spec: ServiceSpec, force: bool = False) -> Service:
+        """Change a service's spec; task-affecting changes roll out as a rolling update."""
+        svc = self.service(ref)
+
+        def write(tx: WriteTx) -> Service:
+            current = tx.must_get(Service, svc.id)
+            resolved = self._resolve_networks(spec, tx)
+            self._validate(resolved, tx, own_id=current.id)
+            if resolved.mode is not current.spec.mode:
+                raise InvalidArgument("service mode cannot be changed by an update")
+            if resolved.networks != current.spec.networks:
+                raise InvalidArgument("changing a service's networks needs `service rm` and "
+                                      "`service create` (not supported by update yet)")
+            rolls = force or _task_changes(current.spec, resolved)
+            if not rolls and resolved == current.spec:
+                return current
+            now = time.time()
+            changes: dict[str, object] = {"spec": resolved, "previous_spec": current.spec,
+                                          "updated_at": now}
+            if rolls:
+                version = current.spec_version + 1
+                changes.update(spec_version=version,
+                               update_status=UpdateStatus(state="updating", started_at=now,
+                                                          message="update in progress"))
+                if force:
+                    changes["force_version"] = version
+            return tx.update(current.model_copy(update=changes))
+        return self.store.update(write)
+
+    def rollback_service(self, ref: str) -> Service:
+        """Go back to the spec before the last update, rolled out like an update."""
+        svc = self.service(ref)
+        if svc.previous_spec is None:
+            raise InvalidArgument(f"service {svc.spec.name} has no previous spec to roll back to")
+
+        def write(tx: WriteTx) -> Service:
+            current = tx.must_get(Service, svc.id)
+            if current.previous_spec is None:
+                raise InvalidArgument(f"service {svc.spec.name} has no previous spec to roll back to")
+            return tx.update(rollback(current, time.time()))
         return self.store.update(write)
 
     def scale(self, ref: str, replicas: int) -> Service:

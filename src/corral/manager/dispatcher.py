@@ -50,6 +50,7 @@ class StatusUpdate(Model):
     addr: str = ""
     port: int = 0
     pid: int = 0
+    health: str = ""
 
 
 class Endpoint(Model):
@@ -187,13 +188,18 @@ class Dispatcher:
                 t = tx.get(Task, u.task_id)
                 if t is None or t.node_id != node.id:
                     continue
-                if u.state <= t.status.state:
-                    continue  # observed state only moves forward
+                health_changed = (u.state is TaskState.RUNNING is t.status.state
+                                  and u.health != t.status.health)
+                if u.state <= t.status.state and not health_changed:
+                    continue  # observed state only moves forward (health may change while running)
+                stamp = time.time()
+                started = stamp if u.state is TaskState.RUNNING else t.status.started_at
                 status = t.status.model_copy(update={
                     "state": u.state, "message": u.message, "err": u.err,
-                    "exit_code": u.exit_code, "timestamp": time.time(),
+                    "exit_code": u.exit_code, "timestamp": stamp, "started_at": started,
                     "addr": u.addr or t.status.addr, "port": u.port or t.status.port,
                     "pid": u.pid or t.status.pid,
+                    "health": u.health if u.health in ("", "starting", "healthy", "unhealthy") else "",
                 })
                 tx.update(t.model_copy(update={"status": status}))
         self.store.update(write)
@@ -227,7 +233,8 @@ def routable(task: Task, nodes: dict[str, Node]) -> bool:
     """A task the mesh may send new connections to: running, meant to run, on a live node."""
     node = nodes.get(task.node_id)
     return (task.desired_state is TaskState.RUNNING and task.status.state is TaskState.RUNNING
-            and bool(task.status.addr) and node is not None
+            and bool(task.status.addr) and task.status.health in ("", "healthy")
+            and node is not None
             and node.status.state is NodeState.READY)
 
 

@@ -12,6 +12,7 @@ from corral.manager.controlapi import ControlAPI
 from corral.manager.dispatcher import Dispatcher
 from corral.manager.orchestrator import Orchestrator
 from corral.manager.scheduling import Scheduler
+from corral.manager.updater import Updater
 from corral.store.base import Store
 from corral.store.sqlite import SQLiteStore
 
@@ -25,7 +26,7 @@ class Manager:
         self.store = store
         self.control = ControlAPI(store)
         self.dispatcher = Dispatcher(store)
-        self.components = [Orchestrator(store), Allocator(store), Scheduler(store)]
+        self.components = [Orchestrator(store), Allocator(store), Scheduler(store), Updater(store)]
         self._task: asyncio.Task[None] | None = None
 
     @classmethod

@@ -37,7 +37,7 @@ class Orchestrator(Component):
             tasks = by_service.pop(svc.id, [])
             # Promote first and reconcile the promoted tasks, so one pass never holds two
             # different updates of the same task.
-            promoted = promote_delayed(tasks, now)
+            promoted = promote_delayed(tasks, now, nodes)
             tasks = apply_plan(tasks, promoted)
             if svc.spec.mode is ServiceMode.GLOBAL:
                 cons = parse_constraints(svc.spec.placement.constraints)

@@ -134,18 +134,27 @@ def supervise(service: Service, tasks: Iterable[Task], nodes: dict[str, Node], n
     return plan
 
 
-def promote_delayed(tasks: Iterable[Task], now: float) -> Plan:
-    """Replacement tasks whose restart delay has passed become desired RUNNING."""
+def promote_delayed(tasks: list[Task], now: float, nodes: dict[str, Node] | None = None) -> Plan:
+    """Waiting tasks become desired RUNNING: restarts once their delay has passed, stop-first
+    update replacements once the task they replace has stopped (or cannot be stopped)."""
+    by_id = {t.id: t for t in tasks}
     plan = Plan()
     for t in tasks:
-        if t.desired_state is TaskState.READY and t.restart_at <= now:
-            plan.update.append(_with_desired(t, TaskState.RUNNING))
+        if t.desired_state is not TaskState.READY or t.restart_at > now:
+            continue
+        old = by_id.get(t.replaces) if t.replaces else None
+        if (old is not None and not old.status.state.terminal
+                and old.status.state >= TaskState.ASSIGNED
+                and not (nodes is not None and node_lost(old, nodes))):
+            continue
+        plan.update.append(_with_desired(t, TaskState.RUNNING))
     return plan
 
 
 def next_restart(tasks: Iterable[Task]) -> float | None:
     """The earliest pending restart time, so the orchestrator knows when to wake up."""
-    times = [t.restart_at for t in tasks if t.desired_state is TaskState.READY and t.restart_at]
+    times = [t.restart_at for t in tasks if t.desired_state is TaskState.READY and t.restart_at
+             and not t.replaces]
     return min(times) if times else None
 
 
