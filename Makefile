@@ -39,3 +39,4 @@ clean:
 bench: install
 	$(PY) bench/convergence.py
 	$(PY) bench/overlay.py
+	$(PY) bench/zero_downtime.py

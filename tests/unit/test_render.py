@@ -625,3 +625,11 @@ def test_to_json_lines() -> None:
     assert json.loads(lines[0])["spec"]["ports"][0]["publish_mode"] == "ingress"
     assert json.loads(lines[1])["status"]["state"] == "ready"
     assert to_json_lines([]) == ""
+
+
+def test_service_ps_shows_health_while_running() -> None:
+    svc = Service(id="s" * 25, spec=ServiceSpec(name="web", task=ContainerSpec(image="whoami")))
+    t = Task(id="t" * 25, service_id=svc.id, service_name="web", slot=1, spec=svc.spec.task,
+             status=TaskStatus(state=TaskState.RUNNING, timestamp=NOW - 8, health="healthy"))
+    _, rows = service_ps_rows([t], {}, NOW)
+    assert rows[0][5] == "Running 8 seconds ago (healthy)"

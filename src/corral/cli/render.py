@@ -256,6 +256,8 @@ def service_ps_rows(
             node_name = task.node_id
         ago = human_duration(now - task.status.timestamp)
         current = f"{_pretty(task.status.state.value)} {ago.lower()} ago"
+        if task.status.health and task.status.state is TaskState.RUNNING:
+            current += f" ({task.status.health})"  # like `docker ps`: "Up 5 seconds (healthy)"
         err = task.status.err if no_trunc else _ellipsis(task.status.err, MAX_ERR_LENGTH)
         ports = ",".join(
             f"*:{p.published_port}->{p.target_port}/{p.protocol}"
