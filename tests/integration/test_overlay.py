@@ -241,3 +241,23 @@ def test_restarted_node_sweeps_its_old_task_namespaces(swarm: LabSwarm) -> None:
              timeout=15, what="the restarted daemon to remove its old task namespaces")
     wait_for(lambda: swarm.nodes()["node3"]["status"]["state"] == "ready", what="node3 back")
     wait_for(lambda: len(swarm.running("search")) == 3, timeout=20, what="3 replicas again")
+
+
+def test_partitioned_node_is_replaced_and_heals(swarm: LabSwarm) -> None:
+    node3 = swarm.nodes()["node3"]["id"]
+    swarm.ok("lab", "partition", "node3")
+    try:
+        wait_for(lambda: swarm.nodes()["node3"]["status"]["state"] == "down", timeout=15,
+                 what="the cut-off node to be seen down")
+        wait_for(lambda: len([t for t in swarm.running("search") if t["node_id"] != node3]) == 3,
+                 timeout=20, what="3 replicas on the connected nodes")
+        tasks = {t["id"] for t in swarm.running("search") if t["node_id"] != node3}
+        assert {http_get(swarm.addrs[0], 19500)["task_id"] for _ in range(6)} == tasks
+    finally:
+        swarm.ok("lab", "heal", "node3")
+    wait_for(lambda: swarm.nodes()["node3"]["status"]["state"] == "ready", timeout=15,
+             what="node3 back after healing")
+    # Its old tasks were replaced while it was away: the node stops them when it returns.
+    wait_for(lambda: not [t for t in swarm.tasks("search") if t["node_id"] == node3
+                          and t["status"]["state"] == "running"], timeout=15,
+             what="node3's stale tasks to stop")

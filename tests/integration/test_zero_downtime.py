@@ -150,3 +150,41 @@ def test_lost_node_fails_requests_only_briefly(tmp_path: Path) -> None:
         print(f"\nlab kill node3: seen down after {down:.2f}s, 3/3 after {back:.2f}s; "
               f"{res.summary()}; failures after detection: {len(late)}")
         assert not late, "no failed request once the node is seen down"
+
+
+def test_update_bad_input(swarm: LabSwarm) -> None:
+    create(swarm, "fixed", 19706)
+    cases = [
+        (["service", "update", "--image", "x", "nosuch"], "not found"),
+        (["service", "update", "--update-parallelism", "-1", "fixed"], "--update-parallelism"),
+        (["service", "update", "--update-order", "sideways", "fixed"], "--update-order"),
+        (["service", "update", "--health-http", "nope", "fixed"], "--health-http"),
+        (["service", "rollback", "fixed"], "no previous spec"),
+        (["service", "rollback", "nosuch"], "not found"),
+    ]
+    for args, words in cases:
+        r = swarm.cli(*args)
+        assert r.code == 1 and words in r.err and "Traceback" not in r.err, (args, r.err)
+    assert len(swarm.running("fixed")) == 3
+    swarm.ok("service", "rm", "fixed")
+
+
+def test_health_command_that_cannot_run_marks_the_task_unhealthy(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "nocheck", "-d", "--health-cmd",
+             "/nonexistent/probe", "--health-interval", "200ms", "--health-retries", "1",
+             "--restart-delay", "30s", "whoami")
+    failed = wait_for(lambda: [t for t in swarm.tasks("nocheck")
+                               if "unhealthy" in t["status"]["err"]], timeout=15,
+                      what="the task to be marked unhealthy")
+    assert "not found" in failed[0]["status"]["err"] or "No such file" in failed[0]["status"]["err"]
+    swarm.ok("service", "rm", "nocheck")
+
+
+def test_lab_stop_and_start(swarm: LabSwarm) -> None:
+    swarm.ok("lab", "stop", "node2")
+    try:
+        wait_for(lambda: swarm.nodes()["node2"]["status"]["state"] == "down", timeout=10,
+                 what="a stopped node to be seen down")
+    finally:
+        swarm.ok("lab", "start", "node2")
+    wait_for(lambda: swarm.nodes()["node2"]["status"]["state"] == "ready", what="node2 back")

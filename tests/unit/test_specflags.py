@@ -137,9 +137,6 @@ def test_negative_retries_refused_on_existing_check() -> None:
         apply_health(CMD_CHECK, HealthFlags(retries=-1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HealthFlags.given() tests `value not in (None, False)`; 0 == False, so --health-retries 0 "
-    "alone counts as 'not given' and apply_health silently keeps the current check"))
 def test_zero_retries_alone_refused() -> None:
     with pytest.raises(InvalidArgument, match="--health-retries"):
         apply_health(CMD_CHECK, HealthFlags(retries=0))

@@ -89,6 +89,27 @@ def kill(node: Annotated[str, typer.Argument(help="NODE")], dir: LabDir = None) 
 
 
 @app.command()
+def stop(node: Annotated[str, typer.Argument(help="NODE")], dir: LabDir = None) -> None:
+    """Stop a node's daemon cleanly (its tasks stop first)."""
+    n = Lab(dir).load().stop(node)
+    typer.echo(f"{n.name} stopped")
+
+
+@app.command()
+def partition(node: Annotated[str, typer.Argument(help="NODE")], dir: LabDir = None) -> None:
+    """Cut a node off the lab network (netns lab): the swarm sees it go down."""
+    n = Lab(dir).load().partition(node, cut=True)
+    typer.echo(f"{n.name} cut off")
+
+
+@app.command()
+def heal(node: Annotated[str, typer.Argument(help="NODE")], dir: LabDir = None) -> None:
+    """Reconnect a partitioned node (netns lab)."""
+    n = Lab(dir).load().partition(node, cut=False)
+    typer.echo(f"{n.name} reconnected")
+
+
+@app.command()
 def start(node: Annotated[str, typer.Argument(help="NODE")], dir: LabDir = None) -> None:
     """Start a killed node's daemon again."""
     n = Lab(dir).load().start(node)

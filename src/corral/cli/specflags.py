@@ -42,7 +42,9 @@ class HealthFlags:
     disable: bool = False
 
     def given(self) -> bool:
-        return any(getattr(self, f.name) not in (None, False) for f in fields(self))
+        # `is not`: --health-retries 0 was given (and is refused), though 0 == False
+        return any(getattr(self, f.name) is not None and getattr(self, f.name) is not False
+                   for f in fields(self))
 
 
 @dataclass

@@ -301,6 +301,27 @@ class Lab:
         self.save()
         return n
 
+    def stop(self, name: str) -> LabNode:
+        """Stop a node's daemon cleanly (SIGTERM: it stops its tasks first)."""
+        n = self.node(name)
+        if not pid_alive(n.pid):
+            raise InvalidArgument(f"{n.name} is not running")
+        self._terminate(n)
+        n.pid = 0
+        self.save()
+        return n
+
+    def partition(self, name: str, cut: bool = True) -> LabNode:
+        """Cut a netns lab node off the lab network (its link goes down), or heal it."""
+        n = self.node(name)
+        if not self.netns:
+            raise InvalidArgument("partition and heal need the netns lab (corral lab up --netns): "
+                                  "loopback nodes share one network")
+        check_root()
+        subprocess.run(["ip", "link", "set", n.veth, "down" if cut else "up"], check=True,
+                       capture_output=True)
+        return n
+
     def start(self, name: str) -> LabNode:
         """Start a stopped node's daemon again; it rejoins the swarm by itself."""
         n = self.node(name)

@@ -77,8 +77,9 @@ def plan_update(service: Service, tasks: list[Task], nodes: dict[str, Node],
     version = service.spec_version
     started = status.started_at
 
-    # Tasks whose content already matches the spec (left alone by a rollback) are current.
-    for t in tasks:
+    # A rollback leaves alone the tasks the update never reached: same task spec and ports.
+    # (An update itself replaces every older task: placement changes are not on the task.)
+    for t in tasks if is_rollback(service) else []:
         if (t.spec_version != version and t.spec_version >= service.force_version
                 and t.desired_state in RUNNABLE and t.spec == service.spec.task
                 and t.ports == service.spec.ports):
