@@ -188,3 +188,31 @@ def test_lab_stop_and_start(swarm: LabSwarm) -> None:
     finally:
         swarm.ok("lab", "start", "node2")
     wait_for(lambda: swarm.nodes()["node2"]["status"]["state"] == "ready", what="node2 back")
+
+
+def test_readiness_takes_a_failing_replica_out_before_it_is_restarted(swarm: LabSwarm,
+                                                                      tmp_path: Path) -> None:
+    flag = tmp_path / "flaky"
+    # retries 4 at 1 s: out of rotation after the first failure, restarted after the fourth.
+    create(swarm, "ready", 19707, "--health-cmd", f"test ! -e {flag}.$CORRAL_TASK_SLOT",
+           "--health-interval", "1s", "--health-retries", "4", "--restart-delay", "30s")
+    wait_for(lambda: len([t for t in swarm.running("ready")
+                          if t["status"]["health"] == "healthy"]) == 3, what="3 healthy")
+    sick = next(t for t in swarm.running("ready") if t["slot"] == 1)
+    with Load(targets(swarm, 19707), rate=150) as load:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        Path(f"{flag}.1").touch()
+        wait_for(lambda: next(t for t in swarm.tasks("ready") if t["id"] == sick["id"])
+                 ["status"]["health"] == "unhealthy", interval=0.05, what="readiness to fail")
+        out = time.monotonic() - t0
+        still = next(t for t in swarm.tasks("ready") if t["id"] == sick["id"])
+        assert still["status"]["state"] == "running", "readiness acts before liveness"
+        wait_for(lambda: next(t for t in swarm.tasks("ready") if t["id"] == sick["id"])
+                 ["status"]["state"] == "failed", timeout=10, what="the restart after 3 failures")
+        killed = time.monotonic() - t0
+        time.sleep(0.5)
+    print(f"\nreadiness: out of rotation after {out:.2f}s (task still {still['status']['state']}),"
+          f" killed after {killed:.2f}s; {load.result.summary()}")
+    assert load.result.failed == 0, load.result.errors
+    swarm.ok("service", "rm", "ready")

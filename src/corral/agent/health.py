@@ -300,13 +300,15 @@ async def watch_health(config: HealthConfig, probe: Probe,
                        on_change: Callable[[Health, str], Awaitable[None] | None], *,
                        clock: Callable[[], float] = time.monotonic,
                        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                       started_at: float | None = None) -> None:
+                       started_at: float | None = None,
+                       on_result: Callable[[bool, str, HealthTracker], None] | None = None) -> None:
     """Probe every `interval` seconds until cancelled; call `on_change(state, output)` on each
     change of health (the initial STARTING is the caller's to report).
 
     `started_at` (by `clock`; default: now) is when the task started, for the start period.
     A probe that raises counts as failed; one that overruns its timeout by more than a few
-    seconds is cancelled and counts as timed out.
+    seconds is cancelled and counts as timed out. `on_result`, if given, sees every probe's
+    outcome with the tracker after it (readiness acts on single failures).
     """
     tracker = HealthTracker(config, clock() if started_at is None else started_at)
     while True:
@@ -319,7 +321,10 @@ async def watch_health(config: HealthConfig, probe: Probe,
             ok, output = False, _timed_out(config.timeout)
         except Exception as exc:  # a probe bug must not end the watch
             ok, output = False, f"health check error: {_reason(exc)}"[:OUTPUT_LIMIT]
-        if tracker.record(ok, output, began):
+        changed = tracker.record(ok, output, began)
+        if on_result is not None:
+            on_result(ok, output, tracker)
+        if changed:
             result = on_change(tracker.state, output)
             if result is not None:
                 await result

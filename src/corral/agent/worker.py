@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from corral.agent.drain import connections
 from corral.agent.exec import Controller, Executor, TaskFailed, TaskRejected
-from corral.agent.health import Health, make_probe, watch_health
+from corral.agent.health import Health, HealthTracker, make_probe, watch_health
 from corral.agent.session import ManagerSession, SessionRefused
 from corral.api.errors import CorralError
 from corral.api.types import Task, TaskState
@@ -201,12 +201,26 @@ class TaskRunner:
         self.health = Health.STARTING.value
 
         def changed(state: Health, output: str) -> None:
-            self.health, self.health_output = state.value, output
-            self.report(TaskState.RUNNING, f"health: {state.value}")
+            self.health_output = output
+            self._set_health(state.value)
             if state is Health.UNHEALTHY:
-                self.unhealthy = True
+                self.unhealthy = True  # liveness: `retries` failures in a row
                 self.changed.set()
-        return asyncio.ensure_future(watch_health(cfg, probe, changed))
+
+        def result(ok: bool, output: str, tracker: HealthTracker) -> None:
+            # Readiness: one failed probe of a healthy task takes it out of every balancer at
+            # once; it is restarted only after `retries` failures (above).
+            if not ok and tracker.state is Health.HEALTHY and tracker.failing_streak:
+                self.health_output = output
+                self._set_health(Health.UNHEALTHY.value)
+            elif ok and self.health != Health.HEALTHY.value and tracker.state is Health.HEALTHY:
+                self._set_health(Health.HEALTHY.value)
+        return asyncio.ensure_future(watch_health(cfg, probe, changed, on_result=result))
+
+    def _set_health(self, health: str) -> None:
+        if health != self.health:
+            self.health = health
+            self.report(TaskState.RUNNING, f"health: {health}")
 
     async def _drain(self, port: int, exited: asyncio.Future[int], grace: float) -> float:
         """Out of every balancer first, then let in-flight connections finish (up to the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from typing import Annotated, Optional
@@ -270,6 +271,7 @@ def update(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(metavar="SERVICE")],
     image: Annotated[Optional[str], typer.Option(help="Service image")] = None,
+    command: Annotated[Optional[str], typer.Option(help="Service command (space separated)")] = None,
     args: Annotated[Optional[str], typer.Option(help="Service command args (space separated)")] = None,
     replicas: Annotated[Optional[int], typer.Option(help="Number of tasks")] = None,
     env_add: Annotated[Optional[list[str]], typer.Option(help="Add or update an environment variable")] = None,
@@ -310,8 +312,9 @@ def update(
     task = spec.task
     if image is not None:
         task = task.model_copy(update={"image": image})
+    if command is not None:
+        task = task.model_copy(update={"command": shlex.split(command)})
     if args is not None:
-        import shlex
         task = task.model_copy(update={"args": shlex.split(args)})
     if env_add or env_rm:
         drop = set(env_rm or []) | {e.split("=", 1)[0] for e in parse_env(env_add or [])}
