@@ -40,3 +40,4 @@ bench: install
 	$(PY) bench/convergence.py
 	$(PY) bench/overlay.py
 	$(PY) bench/zero_downtime.py
+	$(PY) bench/dataplane.py

@@ -261,3 +261,55 @@ def test_partitioned_node_is_replaced_and_heals(swarm: LabSwarm) -> None:
     wait_for(lambda: not [t for t in swarm.tasks("search") if t["node_id"] == node3
                           and t["status"]["state"] == "running"], timeout=15,
              what="node3's stale tasks to stop")
+
+
+def test_kernel_mesh_serves_published_ports(swarm: LabSwarm) -> None:
+    # The netns lab's daemons run the kernel fast path: nftables DNAT, no userspace listener.
+    table = swarm.exec("node1", "nft", "list", "table", "ip", "corral_ingress")
+    assert table.code == 0 and "tcp dport 19500" in table.out and "numgen inc" in table.out
+    listeners = swarm.exec("node1", "ss", "-ltnH", "sport", "= :19500")
+    assert listeners.code == 0 and listeners.out.strip() == ""
+
+
+def test_kernel_mesh_keeps_established_connections_across_rule_changes(swarm: LabSwarm) -> None:
+    import http.client
+    conn = http.client.HTTPConnection(swarm.addrs[0], 19500, timeout=5)
+    try:
+        conn.request("GET", "/")
+        first = json.loads(conn.getresponse().read())
+        swarm.ok("service", "scale", "-d", "search=4")
+        wait_for(lambda: len(swarm.running("search")) == 4, what="4 replicas")
+        time.sleep(0.5)  # the new ruleset is in place on every node
+        conn.request("GET", "/")
+        second = json.loads(conn.getresponse().read())
+        assert second["task_id"] == first["task_id"], "the connection stayed on its backend"
+        new = {json.loads(swarm.exec("node2", "curl", "-s", "-m", "5",
+                                     f"http://{swarm.addrs[0]}:19500/").out)["task_id"]
+               for _ in range(8)}
+        assert len(new) == 4, "new connections use the new rules"
+    finally:
+        conn.close()
+        swarm.ok("service", "scale", "-d", "search=3")
+        wait_for(lambda: len(swarm.tasks("search")) == 3, what="back to 3")
+
+
+def test_kernel_and_userspace_balancing_per_port(swarm: LabSwarm) -> None:
+    def from_root() -> set[str]:
+        return {http_get(swarm.addrs[0], 19500)["task_id"] for _ in range(6)}
+    try:
+        swarm.ok("service", "update", "--lb", "source-hash", "search")
+        wait_for(lambda: "jhash" in swarm.exec("node1", "nft", "list", "table", "ip",
+                                               "corral_ingress").out, what="a jhash rule")
+        assert len(from_root()) == 1, "one client address, one replica (in the kernel)"
+        swarm.ok("service", "update", "--lb", "maglev", "search")
+        # nftables has no maglev: the port moves to the userspace proxy on every node.
+        wait_for(lambda: swarm.exec("node1", "ss", "-ltnH", "sport", "= :19500").out.strip(),
+                 what="a userspace listener for the maglev port")
+        assert "19500" not in swarm.exec("node1", "nft", "list", "table", "ip",
+                                         "corral_ingress").out
+        assert len(from_root()) == 1
+    finally:
+        swarm.ok("service", "update", "--lb", "rr", "search")
+    wait_for(lambda: "numgen inc" in swarm.exec("node1", "nft", "list", "table", "ip",
+                                                "corral_ingress").out, what="back in the kernel")
+    assert len(from_root()) == 3

@@ -208,3 +208,25 @@ def test_lab_env_and_ps(swarm: LabSwarm) -> None:
     assert all(r.split()[3] == "running" for r in rows)
     r = swarm.cli("lab", "env", "node9")
     assert r.code == 1 and "no lab node node9" in r.err
+
+
+def test_balancing_algorithms_and_affinity(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "lbs", "--replicas", "3", "-p", "19010:80",
+             "--lb", "source-hash", "whoami")
+    try:
+        all_tasks = {t["id"] for t in swarm.running("lbs")}
+        # One client address: source-hash sends it to one replica, from every node.
+        for addr in swarm.addrs:
+            assert len({http_get(addr, 19010)["task_id"] for _ in range(6)}) == 1
+        swarm.ok("service", "update", "--lb", "maglev", "lbs")
+        assert len({http_get(swarm.addrs[0], 19010)["task_id"] for _ in range(6)}) == 1
+        swarm.ok("service", "update", "--lb", "rr", "--lb-affinity", "client-ip:30s", "lbs")
+        assert len({http_get(swarm.addrs[1], 19010)["task_id"] for _ in range(6)}) == 1
+        swarm.ok("service", "update", "--lb", "least-conn", "--lb-affinity", "none", "lbs")
+        seen = {http_get(swarm.addrs[2], 19010)["task_id"] for _ in range(9)}
+        assert seen == all_tasks, "least-conn with no load spreads over every replica"
+        assert {t["id"] for t in swarm.running("lbs")} == all_tasks, "no task was replaced"
+        r = swarm.cli("service", "update", "--lb", "fastest", "lbs")
+        assert r.code == 1 and "invalid --lb" in r.err
+    finally:
+        swarm.ok("service", "rm", "lbs")

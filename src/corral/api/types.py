@@ -192,6 +192,9 @@ class ServiceSpec(Model):
     endpoint_mode: Literal["vip", "dnsrr"] = "vip"
     update_config: UpdateConfig = Field(default_factory=UpdateConfig)
     rollback_config: UpdateConfig = Field(default_factory=UpdateConfig)
+    # How the routing mesh spreads connections over the tasks, and client-IP stickiness.
+    lb: Literal["rr", "random", "least-conn", "source-hash", "maglev"] = "rr"
+    lb_affinity: float | None = Field(default=None, gt=0)  # seconds
 
 
 UpdateState = Literal["updating", "paused", "completed", "rollback_started", "rollback_paused",

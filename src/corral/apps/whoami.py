@@ -8,6 +8,16 @@ the task/service/node it was scheduled as (from ``CORRAL_*`` env vars) and the
 client address seen by the socket. Keep-alive is supported; SIGTERM/SIGINT
 stop the server and exit with status 0.
 
+A connection may start with a HAProxy PROXY protocol header (v1 or v2, see
+:mod:`corral.dataplane.proxyproto`): the first bytes are buffered until they
+decide whether one is there; if so it is parsed and its source becomes
+``client``, and the answer also carries ``proxy_protocol`` (1 or 2) and
+``peer`` (the socket's peer). A LOCAL/UNKNOWN header keeps the socket peer as
+``client``. A malformed header closes the connection without an answer. The
+header is only looked for once, at the start of the connection; requests are
+then read from a small per-connection buffer (so bytes read past the header
+are not lost), which also makes pipelined keep-alive requests work.
+
 Run it with ``HOST=127.0.0.1 PORT=8080 python -m corral.apps.whoami``.
 """
 
@@ -20,6 +30,8 @@ import random
 import signal
 import socket
 import sys
+
+from corral.dataplane.proxyproto import ProxyProtocolError, looks_like_proxy, parse
 
 FIRST_NAMES = (
     "Ada", "Alan", "Barbara", "Boris", "Carla", "Cedric", "Dana", "Donald",
@@ -42,6 +54,7 @@ LAST_NAMES = (
 _MAX_HEADER_BYTES = 16 * 1024
 _MAX_BODY_BYTES = 1024 * 1024
 _IDLE_TIMEOUT = 60.0
+_READ_CHUNK = 64 * 1024
 
 
 def random_name(rng: random.Random | None = None) -> str:
@@ -66,32 +79,69 @@ class WhoAmI:
         }
         self.writers: set[asyncio.StreamWriter] = set()
 
-    def body(self, client: str, method: str, path: str) -> bytes:
-        """Render the JSON answer (pretty-printed, trailing newline)."""
-        doc = {"name": self.name, **self.identity,
+    def body(
+        self,
+        client: str,
+        method: str,
+        path: str,
+        *,
+        proxy_protocol: int | None = None,
+        peer: str | None = None,
+    ) -> bytes:
+        """Render the JSON answer (pretty-printed, trailing newline).
+
+        ``proxy_protocol``/``peer`` are only included when a PROXY header was seen.
+        """
+        doc: dict[str, object] = {"name": self.name, **self.identity,
                "client": client, "path": path, "method": method}  # fmt: skip
+        if proxy_protocol is not None:
+            doc["proxy_protocol"] = proxy_protocol
+            doc["peer"] = peer
         return (json.dumps(doc, indent=2) + "\n").encode()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve requests on one connection until it closes or asks to."""
         self.writers.add(writer)
-        peer = writer.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        peer = _fmt_addr(writer.get_extra_info("peername"))
+        conn = _Conn(reader)
         try:
-            while await self._one_request(reader, writer, client):
+            who = await self._proxy_header(conn, peer)
+            while await self._one_request(conn, writer, who):
                 pass
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+        except (
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ProxyProtocolError,
+        ):
             pass  # client went away or sent garbage: just drop the connection
         finally:
             self.writers.discard(writer)
             writer.close()
 
-    async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str
-    ) -> bool:
+    async def _proxy_header(self, conn: _Conn, peer: str) -> _Who:
+        """Consume a PROXY header if the connection starts with one.
+
+        Raises ProxyProtocolError if it is malformed, IncompleteReadError on EOF.
+        """
+        async with asyncio.timeout(_IDLE_TIMEOUT):
+            while (found := looks_like_proxy(bytes(conn.buf))) is None:
+                await conn.fill()
+            if not found:
+                return _Who(peer)
+            # A header is at most 16 + 65535 bytes: parse() bounds the buffering.
+            while (res := parse(bytes(conn.buf))) is None:
+                await conn.fill()
+        header, used = res
+        del conn.buf[:used]
+        client = _fmt_addr(header.src) if header.src is not None else peer
+        return _Who(client, header.version, peer)
+
+    async def _one_request(self, stream: _Conn, writer: asyncio.StreamWriter, who: _Who) -> bool:
         """Read one request and answer it; return whether to keep the connection."""
         async with asyncio.timeout(_IDLE_TIMEOUT):
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await stream.readuntil(b"\r\n\r\n", _MAX_HEADER_BYTES)
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -112,12 +162,12 @@ class WhoAmI:
         if length < 0 or length > _MAX_BODY_BYTES:
             return await self._error(writer, 413, "Content Too Large")
         if length:
-            await reader.readexactly(length)  # discard the body
+            await stream.readexactly(length)  # discard the body
 
         conn = headers.get("connection", "").lower()
         # HTTP/1.1 defaults to keep-alive, HTTP/1.0 to close.
         keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
-        body = self.body(client, method, path)
+        body = self.body(who.client, method, path, proxy_protocol=who.version, peer=who.peer)
         writer.write(
             (
                 f"{version} 200 OK\r\n"
@@ -140,6 +190,60 @@ class WhoAmI:
         )
         await writer.drain()
         return False
+
+
+def _fmt_addr(addr: object) -> str:
+    """``host:port`` for an address tuple (IPv6 unbracketed, as before), else str()."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
+class _Who:
+    """Who is on the other end: reported client, PROXY version and socket peer."""
+
+    __slots__ = ("client", "version", "peer")
+
+    def __init__(self, client: str, version: int | None = None, peer: str | None = None) -> None:
+        self.client, self.version, self.peer = client, version, peer
+
+
+class _Conn:
+    """A StreamReader plus our own buffer, so bytes read ahead are never lost."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.buf = bytearray()
+
+    async def fill(self) -> None:
+        """Append what the socket has (at least one byte); EOF raises."""
+        chunk = await self.reader.read(_READ_CHUNK)
+        if not chunk:
+            raise asyncio.IncompleteReadError(bytes(self.buf), None)
+        self.buf += chunk
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def readuntil(self, sep: bytes, limit: int) -> bytes:
+        """Bytes up to and including ``sep``; LimitOverrunError past ``limit``."""
+        start = 0
+        while (i := self.buf.find(sep, start)) < 0:
+            if len(self.buf) > limit:
+                raise asyncio.LimitOverrunError("request head too large", len(self.buf))
+            start = max(0, len(self.buf) - len(sep) + 1)
+            await self.fill()
+        if i + len(sep) > limit:
+            raise asyncio.LimitOverrunError("request head too large", i)
+        return self._take(i + len(sep))
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; IncompleteReadError on EOF."""
+        while len(self.buf) < n:
+            await self.fill()
+        return self._take(n)
 
 
 async def serve(host: str, port: int, name: str) -> None:

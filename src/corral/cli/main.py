@@ -48,14 +48,19 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
                     "or auto (netns when root on Linux)")] = "auto",
            task_netns_prefix: Annotated[str, typer.Option(
                help="Name prefix of the task network namespaces this daemon makes")] = "corral-t-",
+           mesh: Annotated[str, typer.Option(
+               help="Routing mesh: kernel (nftables DNAT; needs the netns runtime), userspace "
+                    "(the asyncio proxy) or auto (kernel when it can)")] = "auto",
            ) -> None:
     """Run a node's daemon in the foreground."""
     from corral.daemon.config import DaemonConfig
     from corral.daemon.run import run_daemon  # heavy imports only for the daemon
+    chosen = DaemonConfig.parse_runtime(runtime)
     config = DaemonConfig(
         addr=addr, data_dir=data_dir or Path.home() / ".corral" / f"daemon-{addr}",
         hostname=hostname or socket.gethostname(), api_port=port, advertise_addr=advertise_addr,
-        runtime=DaemonConfig.parse_runtime(runtime), task_netns_prefix=task_netns_prefix)
+        runtime=chosen, task_netns_prefix=task_netns_prefix,
+        mesh=DaemonConfig.parse_mesh(mesh, chosen))
     raise typer.Exit(run_daemon(config))
 
 

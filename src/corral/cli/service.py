@@ -88,6 +88,8 @@ def create(
     rollback_monitor: sf.Monitor = None,
     rollback_max_failure_ratio: sf.Ratio = None,
     rollback_order: sf.Order = None,
+    lb: sf.Lb = None,
+    lb_affinity: sf.LbAffinity = None,
     detach: Detach = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Suppress progress output")] = False,
 ) -> None:
@@ -135,6 +137,7 @@ def create(
                        update_max_failure_ratio, update_order),
         sf.UpdateFlags(rollback_parallelism, rollback_delay, rollback_failure_action,
                        rollback_monitor, rollback_max_failure_ratio, rollback_order))
+    spec = sf.apply_lb(spec, lb, lb_affinity)
     c = client(ctx)
     svc = Service.model_validate(c.post("/v1/services", spec.model_dump(mode="json")))
     typer.echo(svc.id)
@@ -301,6 +304,8 @@ def update(
     rollback_monitor: sf.Monitor = None,
     rollback_max_failure_ratio: sf.Ratio = None,
     rollback_order: sf.Order = None,
+    lb: sf.Lb = None,
+    lb_affinity: sf.LbAffinity = None,
     force: Annotated[bool, typer.Option(help="Replace the tasks even if nothing changed")] = False,
     detach: Detach = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Suppress progress output")] = False,
@@ -349,6 +354,7 @@ def update(
                        update_max_failure_ratio, update_order),
         sf.UpdateFlags(rollback_parallelism, rollback_delay, rollback_failure_action,
                        rollback_monitor, rollback_max_failure_ratio, rollback_order))
+    spec = sf.apply_lb(spec, lb, lb_affinity)
     updated = Service.model_validate(c.post(f"/v1/services/{svc.id}/update",
                                             {"spec": spec.model_dump(mode="json"), "force": force}))
     typer.echo(service)

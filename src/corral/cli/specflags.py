@@ -26,6 +26,34 @@ FailureAction = Annotated[Optional[str], typer.Option(help="On failure: pause, c
 Monitor = Annotated[Optional[str], typer.Option(help="Time to monitor each updated task for failure")]
 Ratio = Annotated[Optional[float], typer.Option(help="Failure rate to tolerate")]
 Order = Annotated[Optional[str], typer.Option(help="stop-first or start-first")]
+Lb = Annotated[Optional[str], typer.Option(
+    help="Mesh balancing: rr, random, least-conn, source-hash or maglev")]
+LbAffinity = Annotated[Optional[str], typer.Option(
+    help="Stickiness: client-ip[:TIMEOUT] (default timeout 1h), or none")]
+
+
+def apply_lb(spec: ServiceSpec, lb: str | None, affinity: str | None) -> ServiceSpec:
+    """`--lb` and `--lb-affinity` applied to a spec."""
+    changes: dict[str, object] = {}
+    if lb is not None:
+        if lb not in ("rr", "random", "least-conn", "source-hash", "maglev"):
+            raise InvalidArgument(f"invalid --lb {lb!r}: expected rr, random, least-conn, "
+                                  "source-hash or maglev")
+        changes["lb"] = lb
+    if affinity is not None:
+        kind, _, timeout = affinity.partition(":")
+        if kind == "none" and not timeout:
+            changes["lb_affinity"] = None
+        elif kind != "client-ip":
+            raise InvalidArgument(f"invalid --lb-affinity {affinity!r}: expected "
+                                  "client-ip[:TIMEOUT] or none")
+        else:
+            seconds = parse_duration(timeout) if timeout else 3600.0
+            if seconds <= 0:
+                raise InvalidArgument(f"invalid --lb-affinity {affinity!r}: timeout must be "
+                                      "more than 0")
+            changes["lb_affinity"] = seconds
+    return spec.model_copy(update=changes) if changes else spec
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from corral.api.errors import InvalidArgument
 from corral.api.types import API_PORT
 
 Runtime = Literal["process", "netns"]
+Mesh = Literal["userspace", "kernel"]
 
 
 def default_runtime() -> Runtime:
@@ -31,12 +33,16 @@ class DaemonConfig:
     runtime: Runtime = "process"
     # Task namespaces are named PREFIX + task id, so a lab can sweep what its daemons made.
     task_netns_prefix: str = "corral-t-"
+    mesh: Mesh = "userspace"
 
     def __post_init__(self) -> None:
         if self.advertise_addr is None and self.addr in ("0.0.0.0", "::", ""):
             raise InvalidArgument(f"--advertise-addr is required when --addr is {self.addr or 'empty'}")
         if self.runtime == "netns" and (sys.platform != "linux" or os.geteuid() != 0):
             raise InvalidArgument("--runtime netns needs root on Linux (network namespaces)")
+        if self.mesh == "kernel" and self.runtime != "netns":
+            raise InvalidArgument("--mesh kernel needs --runtime netns (tasks reached over the "
+                                  "overlay, forwarding in the node's own namespace)")
         if not 1 <= len(self.task_netns_prefix) <= 20:
             raise InvalidArgument("--task-netns-prefix must be 1 to 20 characters")
 
@@ -44,6 +50,15 @@ class DaemonConfig:
     def advertise(self) -> str:
         """The address other nodes reach this one at."""
         return self.advertise_addr or self.addr
+
+    @staticmethod
+    def parse_mesh(value: str | None, runtime: Runtime) -> Mesh:
+        """auto: the kernel fast path with the netns runtime when nft is there."""
+        if value in (None, "", "auto"):
+            return "kernel" if runtime == "netns" and shutil.which("nft") else "userspace"
+        if value not in ("userspace", "kernel"):
+            raise InvalidArgument(f"invalid --mesh {value!r}: expected kernel, userspace or auto")
+        return "kernel" if value == "kernel" else "userspace"
 
     @staticmethod
     def parse_runtime(value: str | None) -> Runtime:

@@ -21,7 +21,19 @@ from corral.api.errors import CorralError, InvalidArgument, NotFound, NotInSwarm
 from corral.api.types import API_PORT, Model, NodeRole, TaskState
 from corral.daemon.config import DaemonConfig
 from corral.daemon.state import NodeIdentity, forget_identity, load_identity, save_identity
-from corral.dataplane.feed import endpoints_to_mesh
+from corral.dataplane.feed import (
+    endpoints_to_kernel,
+    endpoints_to_mesh,
+    kernel_capable,
+    policies_of,
+)
+from corral.dataplane.nft import NftError, apply_async
+from corral.dataplane.nft_ingress import (
+    IngressRule,
+    enable_forwarding,
+    render_delete,
+    render_ingress_table,
+)
 from corral.dataplane.ingress import IngressMesh
 from corral.manager.controlapi import JoinRequest, JoinResponse
 from corral.manager.dispatcher import Assignments, Endpoint
@@ -66,6 +78,7 @@ class Daemon:
         # pick the node's address there as the source instead of the node's own address.
         self.mesh = IngressMesh(config.addr, bind_source=config.runtime == "process")
         self.overlay: NodeOverlay | None = None
+        self._kernel_rules: list[IngressRule] | None = None
         self.mesh_errors: dict[str, str] = {}
         self.identity: NodeIdentity | None = None
         self.manager: Manager | None = None
@@ -86,6 +99,8 @@ class Daemon:
         if self.config.runtime == "netns":
             from corral.agent.runtimes.netns import sweep_namespaces
             sweep_namespaces(self.config.task_netns_prefix)
+        if self.config.mesh == "kernel":
+            enable_forwarding()  # this node's own namespace only (the netns runtime's rule)
         if killed:
             log.warning("killed %d task processes left by a previous run", len(killed))
         self.identity = load_identity(self.data_dir)
@@ -137,12 +152,23 @@ class Daemon:
             await self.agent.session.close()
             self.agent = None
         await self.mesh.apply({})
+        if self.config.mesh == "kernel" and self._kernel_rules is not None:
+            try:
+                await apply_async(render_delete())
+            except NftError as exc:
+                log.error("kernel mesh: removing the table: %s", exc)
+            self._kernel_rules = None
         if self.overlay is not None:
             await self.overlay.close()
             self.overlay = None
 
     async def _apply_endpoints(self, endpoints: list[Endpoint]) -> None:
-        errors = await self.mesh.apply(endpoints_to_mesh(endpoints))
+        if self.config.mesh == "kernel":
+            # The kernel serves what it can; the rest (least-conn, maglev, affinity) keeps a
+            # userspace listener on its port.
+            await self._apply_kernel_mesh([e for e in endpoints if kernel_capable(e)])
+            endpoints = [e for e in endpoints if not kernel_capable(e)]
+        errors = await self.mesh.apply(endpoints_to_mesh(endpoints), policies_of(endpoints))
         self.mesh_errors = {f"{p.port}/{p.protocol}": e for p, e in errors.items()}
         for port, err in self.mesh_errors.items():
             log.error("cannot publish %s on %s: %s", port, self.addr, err)
@@ -169,6 +195,19 @@ class Daemon:
             await proc.wait()
             raise InvalidArgument(f"command timed out after {timeout:g}s") from None
         return (proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def _apply_kernel_mesh(self, endpoints: list[Endpoint]) -> None:
+        """Published ports as nftables DNAT in this node's namespace (only when changed)."""
+        rules = endpoints_to_kernel(endpoints)
+        if rules == self._kernel_rules:
+            return
+        try:
+            await apply_async(render_ingress_table(self.addr, rules))
+            self._kernel_rules = rules
+            self.mesh_errors = {}
+        except NftError as exc:
+            self.mesh_errors = {"kernel": str(exc)}
+            log.error("kernel mesh: %s", exc)
 
     # -- what the API needs --------------------------------------------------------------
     def info(self) -> Info:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from corral.dataplane.ingress import Backend, PublishedPort
+from corral.dataplane.balance import KINDS, BalanceKind
+from corral.dataplane.ingress import Backend, LbPolicy, PublishedPort
+from corral.dataplane.nft_ingress import IngressRule
 from corral.manager.dispatcher import Endpoint
 
 
@@ -14,4 +16,30 @@ def endpoints_to_mesh(endpoints: list[Endpoint]) -> dict[PublishedPort, list[Bac
             continue
         out[PublishedPort(ep.port.published_port)] = [
             Backend(addr, port, task_id) for addr, port, task_id in ep.backends]
+    return out
+
+
+def endpoints_to_kernel(endpoints: list[Endpoint]) -> list[IngressRule]:
+    """Published ports (TCP and UDP) → the kernel path's DNAT rules, in a stable order."""
+    return sorted((IngressRule(ep.port.published_port, ep.port.protocol,
+                               tuple((addr, port) for addr, port, _ in ep.backends), ep.lb)
+                   for ep in endpoints), key=lambda r: (r.protocol, r.port))
+
+
+# What nftables can do itself: round-robin and random with numgen, source hash with jhash.
+KERNEL_LB = ("rr", "random", "source-hash")
+
+
+def kernel_capable(ep: Endpoint) -> bool:
+    """Whether the kernel path can serve this port as asked (else the userspace proxy does)."""
+    return ep.lb in KERNEL_LB and ep.lb_affinity is None
+
+
+def policies_of(endpoints: list[Endpoint]) -> dict[PublishedPort, LbPolicy]:
+    """Each published TCP port's balancing policy for the userspace mesh."""
+    out: dict[PublishedPort, LbPolicy] = {}
+    for ep in endpoints:
+        if ep.port.protocol == "tcp":
+            kind: BalanceKind = next((k for k in KINDS if k == ep.lb), "rr")
+            out[PublishedPort(ep.port.published_port)] = (kind, ep.lb_affinity)
     return out

@@ -23,6 +23,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from corral.dataplane.balance import BalanceKind, make_balancer
 from corral.dataplane.proxy import (
     Backend,
     ClientSide,
@@ -32,7 +33,11 @@ from corral.dataplane.proxy import (
     bind_error_message,
 )
 
-__all__ = ["Backend", "IngressMesh", "PortStats", "PublishedPort"]
+__all__ = ["Backend", "IngressMesh", "LbPolicy", "PortStats", "PublishedPort"]
+
+# A port's balancing: (strategy, client-IP affinity timeout or None).
+LbPolicy = tuple[BalanceKind, float | None]
+DEFAULT_POLICY: LbPolicy = ("rr", None)
 
 # Generous accept backlog: the mesh fronts whole services, and bursts of new
 # connections should queue in the kernel rather than be refused.
@@ -85,6 +90,7 @@ class IngressMesh:
         self._bind_source = bind_source
         self._connect_timeout = connect_timeout
         self._listeners: dict[PublishedPort, _TcpListener] = {}
+        self._policies: dict[PublishedPort, LbPolicy] = {}
         # Stats outlive listeners so counters stay monotonic if a port is
         # removed and re-added (and so draining connections can still count).
         self._stats: dict[PublishedPort, PortStats] = {}
@@ -94,25 +100,40 @@ class IngressMesh:
         self._closed = False
 
     async def apply(
-        self, endpoints: Mapping[PublishedPort, Sequence[Backend]]
+        self, endpoints: Mapping[PublishedPort, Sequence[Backend]],
+        policies: Mapping[PublishedPort, LbPolicy] | None = None,
     ) -> dict[PublishedPort, str]:
-        """Make listeners match ``endpoints`` exactly; return bind errors per port."""
+        """Make listeners match ``endpoints`` exactly; return bind errors per port.
+
+        ``policies`` picks a balancing strategy per port (default: round-robin).
+        """
         async with self._lock:  # concurrent applies must not interleave
             if self._closed:
                 raise RuntimeError("IngressMesh is closed")
             for pp in [pp for pp in self._listeners if pp not in endpoints]:
                 self._listeners.pop(pp).close()
+                self._policies.pop(pp, None)
 
             errors: dict[PublishedPort, str] = {}
             for pp, backends in endpoints.items():
                 listener = self._listeners.get(pp)
-                if listener is not None:
+                if listener is None:
+                    # Ports that failed to bind last time land here again: retry.
+                    err = await self._open(pp, backends)
+                    if err is not None:
+                        errors[pp] = err
+                        continue
+                    listener = self._listeners[pp]
+                else:
                     listener.route.set_backends(backends)
-                    continue
-                # Ports that failed to bind last time land here again: retry.
-                err = await self._open(pp, backends)
-                if err is not None:
-                    errors[pp] = err
+                policy = (policies or {}).get(pp, DEFAULT_POLICY)
+                if self._policies.get(pp, DEFAULT_POLICY) != policy or listener.route.balancer is None \
+                        and policy != DEFAULT_POLICY:
+                    # Built once per change of policy: a balancer keeps state (maglev table,
+                    # affinity entries, connection counts).
+                    listener.route.set_balancer(
+                        None if policy == DEFAULT_POLICY else make_balancer(policy[0], policy[1]))
+                    self._policies[pp] = policy
             return errors
 
     async def _open(self, pp: PublishedPort, backends: Sequence[Backend]) -> str | None:

@@ -27,7 +27,10 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
+
+if TYPE_CHECKING:
+    from corral.dataplane.balance import Balancer
 
 __all__ = [
     "Backend",
@@ -95,7 +98,7 @@ class Route:
 
     __slots__ = (
         "backends", "connect_timeout", "stats", "registry", "source_addr",
-        "health", "eject_base", "eject_max", "clock", "_keys", "_keyset", "_rr",
+        "health", "eject_base", "eject_max", "clock", "_keys", "_keyset", "_rr", "balancer",
     )
 
     def __init__(
@@ -123,6 +126,8 @@ class Route:
         self.eject_base = eject_base
         self.eject_max = eject_max
         self.clock = clock
+        # None: the built-in round-robin (the hot path); else a strategy from balance.py.
+        self.balancer: Balancer | None = None
         # (addr, port) -> health, only for backends that failed since their last
         # successful connect; empty in the common case (the hot-path check).
         self.health: dict[tuple[str, int], BackendHealth] = {}
@@ -142,13 +147,16 @@ class Route:
         keys = tuple((b.addr, b.port) for b in backends)
         keyset = frozenset(keys)
         self.backends, self._keys, self._keyset = backends, keys, keyset
+        if self.balancer is not None:
+            self.balancer.set_backends(backends)
         health = self.health
         if health:
             for key in [k for k in health if k not in keyset]:
                 del health[key]
 
-    def pick(self, tried: Sequence[Backend]) -> Backend | None:
-        """Return the next backend round-robin that is not in ``tried``, or None.
+    def pick(self, tried: Sequence[Backend], client: str = "") -> Backend | None:
+        """Return the next backend that is not in ``tried``, or None: round-robin, or the
+        port's balancer (least-conn, source-hash, maglev, affinity…) when it has one.
 
         Ejected backends are skipped. If every backend not yet tried is ejected,
         the one whose ejection ends soonest is returned anyway (fail open: it
@@ -160,6 +168,8 @@ class Route:
         backends = self.backends
         n = len(backends)
         health = self.health
+        if self.balancer is not None:
+            return self._pick_balanced(tried, client)
         if not health:  # the common case: nothing ejected
             for _ in range(n):
                 b = backends[self._rr % n]
@@ -183,6 +193,29 @@ class Route:
             if fallback is None or h.ejected_until < soonest:
                 fallback, soonest = b, h.ejected_until
         return fallback
+
+    def _pick_balanced(self, tried: Sequence[Backend], client: str) -> Backend | None:
+        """The balancer's choice among untried, non-ejected backends (fail open as above)."""
+        assert self.balancer is not None
+        now = self.clock() if self.health else 0.0
+        candidates, fallback, soonest = [], None, 0.0
+        for key, b in zip(self._keys, self.backends):
+            if b in tried:
+                continue
+            h = self.health.get(key) if self.health else None
+            if h is None or h.ejected_until <= now:
+                candidates.append(b)
+            elif fallback is None or h.ejected_until < soonest:
+                fallback, soonest = b, h.ejected_until
+        if candidates:
+            return self.balancer.pick(client, candidates)
+        return fallback
+
+    def set_balancer(self, balancer: Balancer | None) -> None:
+        """Use `balancer` for new connections (None: plain round-robin)."""
+        self.balancer = balancer
+        if balancer is not None:
+            balancer.set_backends(self.backends)
 
     def record_failure(self, backend: Backend) -> None:
         """A connect to ``backend`` failed: eject it for a growing time."""
@@ -367,13 +400,15 @@ class UpstreamSide(_Side):
 class ClientSide(_Side):
     """The accepted (client) end of a proxied connection."""
 
-    __slots__ = ("route", "task", "early")
+    __slots__ = ("route", "task", "early", "backend")
 
     def __init__(self, route: Route) -> None:
         """Bind to the route of the published port that accepted us."""
         super().__init__()
         self.route = route
         self.task: asyncio.Task[None] | None = None
+        # The backend we connected to, kept only when a balancer counts connections.
+        self.backend: Backend | None = None
         # Bytes read before the upstream exists (at most one read, see _hold).
         self.early: bytes | None = None
 
@@ -408,9 +443,13 @@ class ClientSide(_Side):
         route = self.route
         loop = asyncio.get_running_loop()
         tried: list[Backend] = []
+        client = ""
+        if route.balancer is not None and self.transport is not None:
+            peer = self.transport.get_extra_info("peername")
+            client = peer[0] if peer else ""
         try:
             while not self.lost:
-                backend = route.pick(tried)
+                backend = route.pick(tried, client)
                 if backend is None:
                     break
                 tried.append(backend)
@@ -430,6 +469,9 @@ class ClientSide(_Side):
                     continue
                 if route.health:  # only when some backend failed recently
                     route.record_success(backend)
+                if route.balancer is not None:
+                    route.balancer.opened(backend)
+                    self.backend = backend
                 peer = self.peer
                 # Start the client -> backend direction, unless the client
                 # already sent EOF or the backend is already back-pressuring.
@@ -457,6 +499,9 @@ class ClientSide(_Side):
         route = self.route
         route.stats.active -= 1
         route.registry.discard(self)
+        if self.backend is not None and route.balancer is not None:
+            route.balancer.closed(self.backend)
+            self.backend = None
         task = self.task
         if task is not None:
             task.cancel()

@@ -59,6 +59,8 @@ class Endpoint(Model):
     service_name: str
     port: PortConfig
     backends: list[tuple[str, int, str]] = Field(default_factory=list)  # (addr, port, task id)
+    lb: str = "rr"
+    lb_affinity: float | None = None
 
 
 class NetworkInfo(Model):
@@ -289,5 +291,6 @@ def ingress_endpoints(services: list[Service], tasks: list[Task],
                 # A process task listens on its own port; a netns task, like a container, on
                 # the target port of its own address (it reports port 0).
                 backends = [(t.status.addr, t.status.port or p.target_port, t.id) for t in running]
-                out.append(Endpoint(service_name=svc.spec.name, port=p, backends=backends))
+                out.append(Endpoint(service_name=svc.spec.name, port=p, backends=backends,
+                                    lb=svc.spec.lb, lb_affinity=svc.spec.lb_affinity))
     return out

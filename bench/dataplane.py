@@ -1,0 +1,655 @@
+"""Data-plane benchmark: the corral userspace mesh against HAProxy, nginx `stream` and no proxy.
+
+    python bench/dataplane.py [--seconds N]
+
+Starts 3 nginx backends on loopback, then measures over the same backends, each path on its
+own loopback address:
+
+- direct: wrk straight to backend 1 (on a second address of its own, 127.0.0.84, so direct
+  and balanced traffic never share backend 4-tuples: see the loopback TIME_WAIT trap in
+  /work/shared/platform-facts.md);
+- corral mesh: bench/mesh_proxy.py (an IngressMesh on uvloop), round-robin over the 3;
+- HAProxy `mode tcp` and nginx `stream`, round-robin over the 3, one thread/worker each.
+
+Loads: keep-alive req/s (with p50/p99), a new connection per request, and 100 MB transfers.
+Prints one table with each figure also as a ratio to direct and to HAProxy, then the mesh
+process's resident memory idle and while holding 2,000 idle connections. Needs root only to
+install wrk/haproxy/nginx when they are missing. All traffic stays on 127.0.0.0/8; every process
+and temporary file is removed on exit, also on failure or Ctrl-C. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+BACKENDS = [("127.0.0.81", 18081), ("127.0.0.82", 18082), ("127.0.0.83", 18083)]
+DIRECT = ("127.0.0.84", 18084)  # backend 1's second address, only for direct traffic
+BULK_BYTES = 100 * 1024 * 1024
+WRK_THREADS = 2
+WRK_CONNECTIONS = 50
+BULK_RUNS = 3
+HELD_CONNECTIONS = 2000
+
+STREAM_MODULE = pathlib.Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; the result table goes to stdout."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def nginx_stream_available() -> bool:
+    """Whether nginx can run a `stream` block (built in, or the dynamic module installed)."""
+    if shutil.which("nginx") is None:
+        return False
+    flags = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
+    if "--with-stream=dynamic" in flags:
+        return STREAM_MODULE.exists()
+    return "--with-stream" in flags
+
+
+def nginx_stream_needs_module() -> bool:
+    flags = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
+    return "--with-stream=dynamic" in flags
+
+
+# Debian package -> how to tell it is already there.
+REQUIRED: dict[str, Callable[[], bool]] = {
+    "wrk": lambda: shutil.which("wrk") is not None,
+    "curl": lambda: shutil.which("curl") is not None,
+    "nginx": lambda: shutil.which("nginx") is not None,
+    "haproxy": lambda: shutil.which("haproxy") is not None,
+    "libnginx-mod-stream": nginx_stream_available,
+}
+
+
+def ensure_tools() -> list[str]:
+    """apt-get install whatever is missing; return notes about what could not be installed."""
+    missing = [pkg for pkg, present in REQUIRED.items() if not present()]
+    if not missing:
+        return []
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return [f"not installed (needs root and apt-get): {pkg}" for pkg in missing]
+    log(f"installing {' '.join(missing)} (apt-get)…")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+    notes = []
+    for pkg in missing:  # one at a time, so one failure does not block the others
+        done = subprocess.run(["apt-get", "install", "-y", "-q", pkg], env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not REQUIRED[pkg]():
+            notes.append(f"could not install {pkg}: {done.stderr.strip()[-200:]}")
+    return notes
+
+
+def version(argv: Sequence[str]) -> str:
+    """First line a tool prints about its version (nginx prints to stderr)."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "?"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+# ----------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Child processes, each in its own process group, all killed by :meth:`stop_all`."""
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        self.workdir = workdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str], *,
+              stdout: int | IO[bytes] = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+        stderr = open(self.workdir / f"{name}.stderr", "wb")
+        try:
+            proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        finally:
+            stderr.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stderr_tail(self, name: str) -> str:
+        path = self.workdir / f"{name}.stderr"
+        return path.read_text(errors="replace")[-800:] if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            # The group, not just the leader: nginx and haproxy leave workers behind.
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session: the group id is the leader's pid
+    except ProcessLookupError:
+        pass
+
+
+def wait_listening(addr: str, port: int, proc: subprocess.Popen[bytes], procs: Processes,
+                   name: str, timeout: float = 10.0) -> None:
+    """Poll until ``addr:port`` accepts a connection; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {procs.stderr_tail(name)}")
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not listening on {addr}:{port} after {timeout}s")
+            time.sleep(0.05)
+
+
+def wait_ready_line(proc: subprocess.Popen[bytes], procs: Processes, name: str,
+                    timeout: float = 15.0) -> None:
+    """Wait for the process to print "ready" on stdout."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            line = proc.stdout.readline()
+            if line.strip() == b"ready":
+                return
+            if not line:  # EOF: it exited
+                break
+    proc.poll()
+    raise RuntimeError(f"{name} did not become ready (exit {proc.returncode}): "
+                       f"{procs.stderr_tail(name)}")
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB, from /proc."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# ------------------------------------------------------------------- configuration
+
+
+def backend_conf(tmp: pathlib.Path) -> str:
+    """Three server blocks on one nginx worker; backend 1 also listens on DIRECT."""
+    servers = []
+    for i, (addr, port) in enumerate(BACKENDS):
+        listens = [f"listen {addr}:{port} backlog=4096;"]
+        if i == 0:
+            listens.append(f"listen {DIRECT[0]}:{DIRECT[1]} backlog=4096;")
+        servers.append(f"""
+        server {{
+            {' '.join(listens)}
+            location / {{ return 200 "ok\\n"; }}
+            location = /bulk {{ alias {tmp}/bulk.bin; default_type application/octet-stream; }}
+        }}""")
+    return f"""
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+pid {tmp}/backends.pid;
+error_log {tmp}/backends.error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    {''.join(servers)}
+}}
+"""
+
+
+def haproxy_conf(tmp: pathlib.Path, listen: tuple[str, int]) -> str:
+    servers = "\n".join(f"    server b{i} {a}:{p}" for i, (a, p) in enumerate(BACKENDS, 1))
+    # As high as the descriptor limit allows: HAProxy refuses to start if maxconn needs more
+    # descriptors (two per proxied connection) than it may open.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    maxconn = min(100_000, (hard - 200) // 2)
+    return f"""
+global
+    nbthread 1
+    maxconn {maxconn}
+    pidfile {tmp}/haproxy.pid
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend mesh
+    bind {listen[0]}:{listen[1]}
+    default_backend backends
+backend backends
+    balance roundrobin
+    source {listen[0]}
+{servers}
+"""
+
+
+def nginx_stream_conf(tmp: pathlib.Path, listen: tuple[str, int]) -> str:
+    module = f"load_module {STREAM_MODULE};" if nginx_stream_needs_module() else ""
+    servers = "\n".join(f"        server {a}:{p};" for a, p in BACKENDS)
+    return f"""
+{module}
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+pid {tmp}/stream.pid;
+error_log {tmp}/stream.error.log warn;
+events {{ worker_connections 16384; }}
+stream {{
+    upstream backends {{
+{servers}
+    }}
+    server {{
+        listen {listen[0]}:{listen[1]} backlog=4096;
+        proxy_pass backends;
+        proxy_bind {listen[0]};
+    }}
+}}
+"""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass
+class Path:
+    """One way from the load generator to the backends."""
+
+    key: str  # short name used in ratios ("direct", "haproxy")
+    label: str  # row label
+    addr: str
+    port: int
+    skipped: str = ""  # why this path was not measured ("" = it was)
+    pid: int | None = None  # the proxy process (for memory figures)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}:{self.port}/"
+
+
+@dataclass
+class Results:
+    keepalive_rps: float | None = None
+    newconn_rps: float | None = None
+    p50_s: float | None = None
+    p99_s: float | None = None
+    bulk_mbps: float | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def start_backends(procs: Processes, tmp: pathlib.Path) -> None:
+    with open(tmp / "bulk.bin", "wb") as f:  # real bytes, not a sparse file
+        chunk = os.urandom(1024 * 1024)
+        for _ in range(BULK_BYTES // len(chunk)):
+            f.write(chunk)
+    (tmp / "bulk.bin").chmod(0o644)
+    conf = tmp / "backends.conf"
+    conf.write_text(backend_conf(tmp))
+    proc = procs.start("backends", ["nginx", "-p", f"{tmp}/", "-c", str(conf),
+                                    "-e", str(tmp / "backends.error.log")])
+    for addr, port in [*BACKENDS, DIRECT]:
+        wait_listening(addr, port, proc, procs, "backends")
+
+
+def start_mesh(procs: Processes, path: Path) -> None:
+    argv = [sys.executable, str(HERE / "mesh_proxy.py"), f"{path.addr}:{path.port}",
+            *(f"{a}:{p}" for a, p in BACKENDS)]
+    proc = procs.start("mesh", argv, stdout=subprocess.PIPE)
+    wait_ready_line(proc, procs, "mesh")
+    path.pid = proc.pid
+
+
+def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(haproxy_conf(tmp, (path.addr, path.port)))
+    proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
+    wait_listening(path.addr, path.port, proc, procs, "haproxy")
+    path.pid = proc.pid
+
+
+def start_nginx_stream(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
+    conf = tmp / "stream.conf"
+    conf.write_text(nginx_stream_conf(tmp, (path.addr, path.port)))
+    proc = procs.start("stream", ["nginx", "-p", f"{tmp}/", "-c", str(conf),
+                                  "-e", str(tmp / "stream.error.log")])
+    wait_listening(path.addr, path.port, proc, procs, "stream")
+
+
+# --------------------------------------------------------------------------- loads
+
+
+@dataclass
+class WrkRun:
+    rps: float
+    p50_s: float | None
+    p99_s: float | None
+    problems: str  # socket errors / non-2xx responses, "" when clean
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _duration(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if m is None:
+        raise ValueError(f"unparsable wrk duration {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(url: str, seconds: float, headers: Sequence[str] = ()) -> WrkRun:
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds:g}s", "--latency",
+            "--timeout", "5s"]
+    for header in headers:
+        argv += ["-H", header]
+    out = subprocess.run([*argv, url], capture_output=True, text=True,
+                         timeout=seconds + 30).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.MULTILINE))
+    problems = [line.strip() for line in out.splitlines()
+                if line.strip().startswith(("Socket errors", "Non-2xx"))]
+    return WrkRun(rps=float(rps.group(1)),
+                  p50_s=_duration(pct["50"]) if "50" in pct else None,
+                  p99_s=_duration(pct["99"]) if "99" in pct else None,
+                  problems="; ".join(problems))
+
+
+def keepalive(path: Path, seconds: float, res: Results) -> str:
+    run_wrk(path.url, 1)  # warm-up: caches, connection pools, the allocator
+    run = run_wrk(path.url, seconds)
+    res.keepalive_rps, res.p50_s, res.p99_s = run.rps, run.p50_s, run.p99_s
+    if run.problems:
+        res.notes.append(f"keep-alive: {run.problems}")
+    return f"{fmt_rate(run.rps)} req/s, p50 {fmt_latency(run.p50_s)}, p99 {fmt_latency(run.p99_s)}"
+
+
+def new_connection(path: Path, seconds: float, res: Results) -> str:
+    run = run_wrk(path.url, seconds, ["Connection: close"])
+    res.newconn_rps = run.rps
+    if run.problems:
+        res.notes.append(f"new-conn: {run.problems}")
+    return f"{fmt_rate(run.rps)} req/s"
+
+
+def bulk(path: Path, seconds: float, res: Results) -> str:
+    """Best of BULK_RUNS single 100 MB downloads with curl."""
+    best = 0.0
+    for _ in range(BULK_RUNS):
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "--max-time", "60",
+             "-w", "%{speed_download} %{size_download}", path.url + "bulk"],
+            capture_output=True, text=True, timeout=90).stdout.split()
+        if len(out) != 2 or int(float(out[1])) != BULK_BYTES:
+            res.notes.append(f"bulk: short transfer {out}")
+            continue
+        best = max(best, float(out[0]) / 1e6)
+    res.bulk_mbps = best or None
+    return f"{best:.0f} MB/s"
+
+
+@dataclass
+class Memory:
+    idle_kb: int  # fresh process, listening, no traffic yet
+    before_kb: int  # after a few warm-up requests
+    held_kb: int  # with HELD_CONNECTIONS idle connections open
+    after_kb: int  # after closing them again
+    final_kb: int | None = None  # after all the load runs
+
+    @property
+    def kb_per_conn(self) -> float:
+        return (self.held_kb - self.before_kb) / HELD_CONNECTIONS
+
+
+def _request(sock: socket.socket) -> None:
+    """One keep-alive request; returns once the whole tiny response is in."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+    data = b""
+    while not data.endswith(b"ok\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("connection closed by the mesh before the response")
+        data += chunk
+
+
+def hold_connections(path: Path) -> Memory:
+    """RSS of the proxy idle and while HELD_CONNECTIONS idle keep-alive connections are open.
+
+    Each connection makes one request first, so both its client and upstream sockets exist
+    and have carried data, then sits idle.
+    """
+    assert path.pid is not None
+    idle = rss_kb(path.pid)
+    for _ in range(20):
+        with socket.create_connection((path.addr, path.port), timeout=5) as s:
+            _request(s)
+    time.sleep(0.2)
+    before = rss_kb(path.pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(HELD_CONNECTIONS):
+            s = socket.create_connection((path.addr, path.port), timeout=5)
+            socks.append(s)
+            _request(s)
+        time.sleep(0.5)
+        held = rss_kb(path.pid)
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(1.0)
+    return Memory(idle, before, held, rss_kb(path.pid))
+
+
+# -------------------------------------------------------------------------- output
+
+
+def fmt_rate(v: float | None) -> str:
+    if v is None:
+        return "—"
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.0f}k"
+    if v >= 1e3:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.0f}"
+
+
+def fmt_latency(v: float | None) -> str:
+    if v is None:
+        return "—"
+    if v < 1e-3:
+        return f"{v * 1e6:.0f}µs"
+    if v < 1:
+        return f"{v * 1e3:.2f}ms"
+    return f"{v:.2f}s"
+
+
+def fmt_mbps(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f}"
+
+
+COLUMNS: list[tuple[str, Callable[[Results], float | None], Callable[[float | None], str]]] = [
+    ("keep-alive req/s", lambda r: r.keepalive_rps, fmt_rate),
+    ("new-conn req/s", lambda r: r.newconn_rps, fmt_rate),
+    ("p50 (keep-alive)", lambda r: r.p50_s, fmt_latency),
+    ("p99 (keep-alive)", lambda r: r.p99_s, fmt_latency),
+    ("bulk MB/s", lambda r: r.bulk_mbps, fmt_mbps),
+]
+
+
+def render_table(paths: Sequence[Path], results: dict[str, Results],
+                 references: Sequence[str] = ("direct", "haproxy")) -> str:
+    """Rows = paths; each cell = absolute value (ratio to each reference path)."""
+    header = ["path", *(name for name, _, _ in COLUMNS)]
+    rows = []
+    for path in paths:
+        if path.skipped:  # the reason is printed below the table
+            rows.append([path.label, *(["skipped"] * len(COLUMNS))])
+            continue
+        res = results[path.key]
+        row = [path.label]
+        for _, get, fmt in COLUMNS:
+            value = get(res)
+            ratios = []
+            for ref in references:
+                ref_res = results.get(ref)
+                ref_value = get(ref_res) if ref_res is not None else None
+                if ref != path.key and value is not None and ref_value:
+                    ratios.append(f"{value / ref_value:.2f}× {ref}")
+            row.append(fmt(value) + (f" ({', '.join(ratios)})" if ratios else ""))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+LOADS: list[tuple[str, Callable[[Path, float, Results], str]]] = [
+    ("keep-alive", keepalive),
+    ("new connection per request", new_connection),
+    ("bulk 100 MB", bulk),
+]
+
+
+def raise_fd_limit() -> None:
+    """Holding 2,000 connections needs more descriptors than the usual soft limit of 1024."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run(seconds: float) -> int:
+    notes = ensure_tools()
+    for tool in ("wrk", "curl", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"dataplane bench: cannot run without {tool}. " + "; ".join(notes))
+            return 1
+    raise_fd_limit()
+
+    paths = [
+        Path("direct", "direct (1 backend)", *DIRECT),
+        Path("corral", "corral mesh (uvloop)", "127.0.0.90", 19090),
+        Path("haproxy", "HAProxy mode tcp", "127.0.0.91", 19091),
+        Path("nginx", "nginx stream", "127.0.0.92", 19092),
+    ]
+    by_key = {p.key: p for p in paths}
+    if shutil.which("haproxy") is None:
+        by_key["haproxy"].skipped = "haproxy not installed"
+    if not nginx_stream_available():
+        by_key["nginx"].skipped = "nginx stream module not installed"
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="corral-dataplane-"))
+    tmp.chmod(0o755)  # nginx workers run as nobody and must read bulk.bin
+    procs = Processes(tmp)
+    try:
+        log(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+            f"starting backends and proxies in {tmp}")
+        start_backends(procs, tmp)
+        start_mesh(procs, by_key["corral"])
+        for key, starter in (("haproxy", start_haproxy), ("nginx", start_nginx_stream)):
+            path = by_key[key]
+            if path.skipped:
+                continue
+            try:
+                starter(procs, tmp, path)
+            except RuntimeError as exc:
+                lines = str(exc).strip().splitlines()  # the last line says why (ALERT/emerg)
+                path.skipped = f"did not start: {lines[-1].strip()[-160:] if lines else exc}"
+
+        # Memory first, on the fresh mesh process, before the load runs grow its heap.
+        log(f"mesh memory: holding {HELD_CONNECTIONS:,} idle connections…")
+        memory = hold_connections(by_key["corral"])
+
+        live = [p for p in paths if not p.skipped]
+        results = {p.key: Results() for p in live}
+        # One load kind across all paths back to back, so the paths see similar background load.
+        for load_name, load in LOADS:
+            for path in live:
+                summary = load(path, seconds, results[path.key])
+                log(f"  {load_name:<28} {path.label:<22} {summary}")
+                time.sleep(0.5)
+        memory.final_kb = rss_kb(by_key["corral"].pid or 0)
+
+        print()
+        print(f"wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {seconds:g}s per run; "
+              f"bulk = best of {BULK_RUNS} curl downloads of 100 MiB; "
+              f"load average at start {os.getloadavg()[0]:.2f}")
+        print(f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}")
+        print(render_table(paths, results))
+        print(f"corral mesh RSS: idle {memory.idle_kb / 1024:.1f} MB, after warm-up "
+              f"{memory.before_kb / 1024:.1f} MB, holding {HELD_CONNECTIONS:,} idle connections "
+              f"{memory.held_kb / 1024:.1f} MB → {memory.kb_per_conn:.1f} KB per connection "
+              f"(client + upstream socket); after closing them {memory.after_kb / 1024:.1f} MB; "
+              f"after all loads {(memory.final_kb or 0) / 1024:.1f} MB")
+        for path in paths:
+            if path.skipped:
+                print(f"note: {path.label} skipped: {path.skipped}")
+        for path in live:
+            for note in results[path.key].notes:
+                print(f"note: {path.label}: {note}")
+        for note in notes:
+            print(f"note: {note}")
+        return 0
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="duration of each wrk measurement (default 5)")
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the finally block cleans up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return run(args.seconds)
+    except KeyboardInterrupt:  # run() has already cleaned up in its finally block
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

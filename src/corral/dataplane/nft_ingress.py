@@ -1,0 +1,114 @@
+"""The kernel fast path for the routing mesh: published ports as nftables DNAT on the node.
+
+How this works: in the node's own network namespace one table, rendered here as data from the
+endpoint state, DNATs connections to `node address:published port` (from outside: prerouting;
+from the node itself: output) to the service's running tasks on their ingress-network address
+and target port, round-robin with `numgen`. Connections leaving towards a task are masqueraded
+to the node's address on the overlay, so a task on another node answers back through this
+node — as Swarm's ingress sandbox does. The table is replaced atomically on every change;
+established connections keep their translation in conntrack, so a removed backend gets no new
+connection while its existing ones finish.
+
+This needs forwarding in the node's namespace (never in the host's: the netns runtime keeps
+every node in a namespace of its own).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TABLE = "corral_ingress"
+FAMILY = "ip"
+
+
+@dataclass(frozen=True)
+class IngressRule:
+    """One published port and where its connections go."""
+
+    port: int
+    protocol: str  # "tcp" or "udp"
+    backends: tuple[tuple[str, int], ...]  # (task address, target port)
+    lb: str = "rr"  # rr (numgen inc), random (numgen random) or source-hash (jhash saddr)
+
+
+def _table(name: str) -> dict[str, Any]:
+    return {"table": {"family": FAMILY, "name": name}}
+
+
+def _chain(table: str, name: str, hook: str, prio: int) -> dict[str, Any]:
+    return {"add": {"chain": {"family": FAMILY, "table": table, "name": name, "type": "nat",
+                              "hook": hook, "prio": prio, "policy": "accept"}}}
+
+
+def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _selector(lb: str, n: int) -> dict[str, Any]:
+    """The expression that picks a backend index 0..n-1."""
+    if lb == "random":
+        return {"numgen": {"mode": "random", "mod": n, "offset": 0}}
+    if lb == "source-hash":
+        return {"jhash": {"expr": {"payload": {"protocol": "ip", "field": "saddr"}},
+                          "mod": n, "seed": 0, "offset": 0}}
+    return {"numgen": {"mode": "inc", "mod": n, "offset": 0}}
+
+
+def _dnat(backends: Sequence[tuple[str, int]], lb: str = "rr") -> dict[str, Any]:
+    ports = {p for _, p in backends}
+    if len(ports) != 1:
+        raise ValueError("the kernel path needs every backend of a port on the same target port")
+    port = ports.pop()
+    addrs = [a for a, _ in backends]
+    if len(addrs) == 1:
+        return {"dnat": {"addr": addrs[0], "port": port}}
+    return {"dnat": {"addr": {"map": {
+        "key": _selector(lb, len(addrs)),
+        "data": {"set": [[i, a] for i, a in enumerate(addrs)]}}}, "port": port}}
+
+
+def _rule(table: str, chain: str, expr: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"add": {"rule": {"family": FAMILY, "table": table, "chain": chain, "expr": expr}}}
+
+
+def render_ingress_table(node_addr: str, rules: Sequence[IngressRule],
+                         table: str = TABLE) -> dict[str, Any]:
+    """nft JSON that atomically replaces the node's ingress table (pure, deterministic)."""
+    addr = str(ipaddress.IPv4Address(node_addr))
+    cmds: list[dict[str, Any]] = [
+        {"add": _table(table)}, {"delete": _table(table)}, {"add": _table(table)},
+        _chain(table, "prerouting", "prerouting", -100),
+        _chain(table, "output", "output", -100),
+        _chain(table, "postrouting", "postrouting", 100),
+    ]
+    for r in sorted(rules, key=lambda r: (r.protocol, r.port)):
+        if not r.backends:
+            continue  # nothing listens on the port: the kernel refuses the connection
+        for a, _ in r.backends:
+            ipaddress.IPv4Address(a)
+        expr = [_match({"payload": {"protocol": "ip", "field": "daddr"}}, addr),
+                _match({"meta": {"key": "l4proto"}}, r.protocol),
+                _match({"payload": {"protocol": "th", "field": "dport"}}, r.port),
+                _dnat(r.backends, r.lb)]
+        cmds.append(_rule(table, "prerouting", expr))
+        cmds.append(_rule(table, "output", expr))
+    # Replies must come back through this node: source-NAT what we DNATed towards the tasks.
+    cmds.append(_rule(table, "postrouting", [
+        _match({"ct": {"key": "status"}}, "dnat", op="in"),
+        _match({"ct": {"key": "daddr", "family": "ip", "dir": "original"}}, addr),
+        {"masquerade": None}]))
+    return {"nftables": cmds}
+
+
+def render_delete(table: str = TABLE) -> dict[str, Any]:
+    """Remove the ingress table if present."""
+    return {"nftables": [{"add": _table(table)}, {"delete": _table(table)}]}
+
+
+def enable_forwarding() -> None:
+    """Let this namespace route between its underlay and its overlay bridges."""
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")

@@ -1,0 +1,67 @@
+"""The kernel mesh's ruleset, rendered as data."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.api.types import PortConfig
+from corral.dataplane.feed import endpoints_to_kernel
+from corral.dataplane.nft_ingress import IngressRule, render_delete, render_ingress_table
+from corral.manager.dispatcher import Endpoint
+
+
+def rules_of(ruleset: dict[str, object], chain: str) -> list[list[dict[str, object]]]:
+    return [c["add"]["rule"]["expr"] for c in ruleset["nftables"]  # type: ignore[attr-defined]
+            if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == chain]
+
+
+def test_table_is_replaced_atomically() -> None:
+    cmds = render_ingress_table("10.99.0.11", [])["nftables"]
+    assert cmds[:3] == [{"add": {"table": {"family": "ip", "name": "corral_ingress"}}},
+                        {"delete": {"table": {"family": "ip", "name": "corral_ingress"}}},
+                        {"add": {"table": {"family": "ip", "name": "corral_ingress"}}}]
+    hooks = {c["add"]["chain"]["hook"] for c in cmds if "chain" in c.get("add", {})}
+    assert hooks == {"prerouting", "output", "postrouting"}
+
+
+def test_round_robin_dnat_to_the_target_port() -> None:
+    r = render_ingress_table("10.99.0.11", [IngressRule(9200, "tcp", (("10.0.0.5", 9200),
+                                                                      ("10.0.0.6", 9200)))])
+    (pre,) = rules_of(r, "prerouting")
+    assert rules_of(r, "output") == [pre]
+    assert pre[0]["match"]["right"] == "10.99.0.11"
+    assert pre[1]["match"]["right"] == "tcp" and pre[2]["match"]["right"] == 9200
+    dnat = pre[3]["dnat"]
+    assert dnat["port"] == 9200
+    assert dnat["addr"]["map"]["key"] == {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}
+    assert dnat["addr"]["map"]["data"]["set"] == [[0, "10.0.0.5"], [1, "10.0.0.6"]]
+    (post,) = rules_of(r, "postrouting")
+    assert post[-1] == {"masquerade": None}
+
+
+def test_single_backend_and_empty_ports() -> None:
+    r = render_ingress_table("10.99.0.11", [IngressRule(80, "udp", (("10.0.0.7", 8080),)),
+                                            IngressRule(81, "tcp", ())])
+    (pre,) = rules_of(r, "prerouting")  # a port without backends gets no rule: refused
+    assert pre[3] == {"dnat": {"addr": "10.0.0.7", "port": 8080}}
+    assert pre[1]["match"]["right"] == "udp"
+
+
+def test_deterministic_and_validated() -> None:
+    a = [IngressRule(2, "tcp", (("10.0.0.1", 1),)), IngressRule(1, "tcp", (("10.0.0.2", 1),))]
+    assert render_ingress_table("10.0.0.9", a) == render_ingress_table("10.0.0.9", a[::-1])
+    with pytest.raises(ValueError):
+        render_ingress_table("not-an-ip", a)
+    with pytest.raises(ValueError):
+        render_ingress_table("10.0.0.9", [IngressRule(1, "tcp", (("10.0.0.1", 1), ("10.0.0.2", 2)))])
+    assert render_delete()["nftables"][1] == {"delete": {"table": {"family": "ip",
+                                                                   "name": "corral_ingress"}}}
+
+
+def test_endpoints_to_kernel() -> None:
+    eps = [Endpoint(service_name="b", port=PortConfig(target_port=80, published_port=8080),
+                    backends=[("10.0.0.5", 80, "t1")]),
+           Endpoint(service_name="a", port=PortConfig(target_port=53, published_port=53,
+                                                      protocol="udp"), backends=[])]
+    assert endpoints_to_kernel(eps) == [IngressRule(8080, "tcp", (("10.0.0.5", 80),)),
+                                        IngressRule(53, "udp", ())]
