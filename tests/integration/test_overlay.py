@@ -290,7 +290,8 @@ def test_kernel_mesh_keeps_established_connections_across_rule_changes(swarm: La
     finally:
         conn.close()
         swarm.ok("service", "scale", "-d", "search=3")
-        wait_for(lambda: len(swarm.tasks("search")) == 3, what="back to 3")
+        wait_for(lambda: len(swarm.running("search")) == 3 and not [
+            t for t in swarm.tasks("search") if t["desired_state"] == "remove"], what="back to 3")
 
 
 def test_kernel_and_userspace_balancing_per_port(swarm: LabSwarm) -> None:
