@@ -230,3 +230,22 @@ def test_balancing_algorithms_and_affinity(swarm: LabSwarm) -> None:
         assert r.code == 1 and "invalid --lb" in r.err
     finally:
         swarm.ok("service", "rm", "lbs")
+
+
+@pytest.mark.parametrize(("version", "port"), [("v1", 19012), ("v2", 19013)])
+def test_proxy_protocol_gives_the_task_the_client_address(swarm: LabSwarm, version: str,
+                                                          port: int) -> None:
+    name = f"pp{version}"
+    swarm.ok("service", "create", "--name", name, "--replicas", "2",
+             "-p", f"published={port},target=80,proxy-protocol={version}", "whoami")
+    try:
+        # The client is 127.0.0.1; the mesh connects to the task from the node's address.
+        seen = http_get(swarm.addrs[1], port)
+        assert seen["proxy_protocol"] == int(version[1])
+        assert seen["client"].startswith("127.0.0.1:")
+        assert seen["peer"].startswith(f"{swarm.addrs[1]}:")
+    finally:
+        swarm.ok("service", "rm", name)
+    r = swarm.cli("service", "create", "--name", "ppbad", "-p",
+                  "published=19014,target=80,proxy-protocol=v3", "whoami")
+    assert r.code == 1 and "invalid proxy-protocol" in r.err

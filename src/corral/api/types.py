@@ -133,6 +133,8 @@ class PortConfig(Model):
     target_port: StrictInt = Field(ge=1, le=65535)
     published_port: StrictInt = Field(ge=1, le=65535)
     publish_mode: Literal["ingress", "host"] = "ingress"
+    # Send the task a PROXY protocol header (v1 text, v2 binary) carrying the client's address.
+    proxy_protocol: Literal["", "v1", "v2"] = ""
 
 
 class Placement(Model):

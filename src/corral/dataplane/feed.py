@@ -32,7 +32,7 @@ KERNEL_LB = ("rr", "random", "source-hash")
 
 def kernel_capable(ep: Endpoint) -> bool:
     """Whether the kernel path can serve this port as asked (else the userspace proxy does)."""
-    return ep.lb in KERNEL_LB and ep.lb_affinity is None
+    return ep.lb in KERNEL_LB and ep.lb_affinity is None and not ep.port.proxy_protocol
 
 
 def policies_of(endpoints: list[Endpoint]) -> dict[PublishedPort, LbPolicy]:
@@ -41,5 +41,6 @@ def policies_of(endpoints: list[Endpoint]) -> dict[PublishedPort, LbPolicy]:
     for ep in endpoints:
         if ep.port.protocol == "tcp":
             kind: BalanceKind = next((k for k in KINDS if k == ep.lb), "rr")
-            out[PublishedPort(ep.port.published_port)] = (kind, ep.lb_affinity)
+            version = {"": 0, "v1": 1, "v2": 2}[ep.port.proxy_protocol]
+            out[PublishedPort(ep.port.published_port)] = (kind, ep.lb_affinity, version)
     return out

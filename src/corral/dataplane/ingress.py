@@ -35,9 +35,10 @@ from corral.dataplane.proxy import (
 
 __all__ = ["Backend", "IngressMesh", "LbPolicy", "PortStats", "PublishedPort"]
 
-# A port's balancing: (strategy, client-IP affinity timeout or None).
-LbPolicy = tuple[BalanceKind, float | None]
-DEFAULT_POLICY: LbPolicy = ("rr", None)
+# A port's balancing: (strategy, client-IP affinity timeout or None, PROXY protocol version
+# to send the backend: 0 for none).
+LbPolicy = tuple[BalanceKind, float | None, int]
+DEFAULT_POLICY: LbPolicy = ("rr", None, 0)
 
 # Generous accept backlog: the mesh fronts whole services, and bursts of new
 # connections should queue in the kernel rather than be refused.
@@ -127,12 +128,13 @@ class IngressMesh:
                 else:
                     listener.route.set_backends(backends)
                 policy = (policies or {}).get(pp, DEFAULT_POLICY)
-                if self._policies.get(pp, DEFAULT_POLICY) != policy or listener.route.balancer is None \
-                        and policy != DEFAULT_POLICY:
+                if self._policies.get(pp, DEFAULT_POLICY) != policy:
                     # Built once per change of policy: a balancer keeps state (maglev table,
                     # affinity entries, connection counts).
-                    listener.route.set_balancer(
-                        None if policy == DEFAULT_POLICY else make_balancer(policy[0], policy[1]))
+                    kind, affinity, proxy_version = policy
+                    plain = kind == "rr" and affinity is None
+                    listener.route.set_balancer(None if plain else make_balancer(kind, affinity))
+                    listener.route.proxy_protocol = proxy_version
                     self._policies[pp] = policy
             return errors
 

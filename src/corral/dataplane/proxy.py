@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
+from corral.dataplane.proxyproto import encode_v1, encode_v2
+
 if TYPE_CHECKING:
     from corral.dataplane.balance import Balancer
 
@@ -99,6 +101,7 @@ class Route:
     __slots__ = (
         "backends", "connect_timeout", "stats", "registry", "source_addr",
         "health", "eject_base", "eject_max", "clock", "_keys", "_keyset", "_rr", "balancer",
+        "proxy_protocol",
     )
 
     def __init__(
@@ -128,6 +131,8 @@ class Route:
         self.clock = clock
         # None: the built-in round-robin (the hot path); else a strategy from balance.py.
         self.balancer: Balancer | None = None
+        # 0: plain TCP; 1 or 2: send a PROXY protocol header of that version to the backend.
+        self.proxy_protocol = 0
         # (addr, port) -> health, only for backends that failed since their last
         # successful connect; empty in the common case (the hot-path check).
         self.health: dict[tuple[str, int], BackendHealth] = {}
@@ -364,6 +369,14 @@ class _Side(asyncio.Protocol):
                 out.abort()
 
 
+def proxy_header(version: int, client: asyncio.Transport) -> bytes:
+    """The PROXY protocol header describing `client`'s connection (source = the client)."""
+    src = client.get_extra_info("peername")
+    dst = client.get_extra_info("sockname")
+    s, d = (src[0], src[1]), (dst[0], dst[1])
+    return encode_v1(s, d) if version == 1 else encode_v2(s, d)
+
+
 class UpstreamSide(_Side):
     """The backend end of a proxied connection."""
 
@@ -389,6 +402,11 @@ class UpstreamSide(_Side):
         # send data before the connecting task gets to run again.
         self.peer, self.out = client, client.transport
         client.peer, client.out = self, transport
+        version = client.route.proxy_protocol
+        if version:
+            # The task learns the real client address from a PROXY protocol header, sent
+            # before any of the client's bytes.
+            transport.write(proxy_header(version, client.transport))
         early = client.early
         if early is not None:
             client.early = None
