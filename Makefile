@@ -40,4 +40,5 @@ bench: install
 	$(PY) bench/convergence.py
 	$(PY) bench/overlay.py
 	$(PY) bench/zero_downtime.py
+	$(PY) bench/rule_updates.py
 	$(PY) bench/dataplane.py
