@@ -458,3 +458,36 @@ def test_all_backends_ejected_still_serves_recovered_one(run: Callable[[Scenario
 def test_eject_settings_are_validated() -> None:
     with pytest.raises(ValueError):
         IngressMesh("127.0.0.1", eject_base=-1)
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(100):
+                w.write(data)
+            w.close()
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        mesh = IngressMesh("127.0.0.1", idle_timeout=0.4)
+        listen = free_port()
+        try:
+            await mesh.apply({PublishedPort(listen): [Backend("127.0.0.1", port)]})
+            busy_r, busy_w = await asyncio.open_connection("127.0.0.1", listen)
+            idle_r, idle_w = await asyncio.open_connection("127.0.0.1", listen)
+            for w in (busy_w, idle_w):
+                w.write(b"x")
+            assert await busy_r.read(1) == b"x" and await idle_r.read(1) == b"x"
+            for _ in range(8):  # 0.8 s: keep one connection talking, leave the other idle
+                busy_w.write(b"y")
+                assert await busy_r.read(1) == b"y"
+                await asyncio.sleep(0.1)
+            assert await asyncio.wait_for(idle_r.read(1), 2.0) == b"", "idle: closed by the mesh"
+            busy_w.write(b"z")
+            assert await busy_r.read(1) == b"z", "the busy connection lives on"
+            assert mesh.stats_idle_closed == 1
+            busy_w.close()
+            idle_w.close()
+        finally:
+            await mesh.close()
+            server.close()
+    run(scenario)

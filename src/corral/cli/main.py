@@ -18,6 +18,7 @@ from corral.cli import node as node_cli
 from corral.cli import service as service_cli
 from corral.cli import swarm as swarm_cli
 from corral.cli.context import State
+from corral.cli.parse import parse_duration
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
                   pretty_exceptions_enable=False, help="corral: a Swarm-style orchestrator with a routing mesh.")
@@ -51,6 +52,8 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
            mesh: Annotated[str, typer.Option(
                help="Routing mesh: kernel (nftables DNAT; needs the netns runtime), userspace "
                     "(the asyncio proxy) or auto (kernel when it can)")] = "auto",
+           mesh_idle_timeout: Annotated[str, typer.Option(
+               help="Close proxied connections idle this long (0 = never)")] = "1h",
            ) -> None:
     """Run a node's daemon in the foreground."""
     from corral.daemon.config import DaemonConfig
@@ -60,7 +63,8 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
         addr=addr, data_dir=data_dir or Path.home() / ".corral" / f"daemon-{addr}",
         hostname=hostname or socket.gethostname(), api_port=port, advertise_addr=advertise_addr,
         runtime=chosen, task_netns_prefix=task_netns_prefix,
-        mesh=DaemonConfig.parse_mesh(mesh, chosen))
+        mesh=DaemonConfig.parse_mesh(mesh, chosen),
+        mesh_idle_timeout=parse_duration(mesh_idle_timeout))
     raise typer.Exit(run_daemon(config))
 
 

@@ -34,6 +34,7 @@ class DaemonConfig:
     # Task namespaces are named PREFIX + task id, so a lab can sweep what its daemons made.
     task_netns_prefix: str = "corral-t-"
     mesh: Mesh = "userspace"
+    mesh_idle_timeout: float = 3600.0  # 0 = never close idle proxied connections
 
     def __post_init__(self) -> None:
         if self.advertise_addr is None and self.addr in ("0.0.0.0", "::", ""):

@@ -76,7 +76,8 @@ class Daemon:
         self.api_port = config.api_port
         # With task namespaces the mesh reaches tasks over the ingress overlay: let the kernel
         # pick the node's address there as the source instead of the node's own address.
-        self.mesh = IngressMesh(config.addr, bind_source=config.runtime == "process")
+        self.mesh = IngressMesh(config.addr, bind_source=config.runtime == "process",
+                                idle_timeout=config.mesh_idle_timeout)
         self.overlay: NodeOverlay | None = None
         self._kernel_rules: list[IngressRule] | None = None
         self.mesh_errors: dict[str, str] = {}

@@ -69,7 +69,7 @@ class IngressMesh:
     """The node's userspace routing mesh."""
 
     def __init__(self, listen_addr: str, *, connect_timeout: float = 2.0,
-                 bind_source: bool = True, eject_base: float = 0.5,
+                 bind_source: bool = True, idle_timeout: float = 3600.0, eject_base: float = 0.5,
                  eject_max: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """Configure the mesh; nothing is bound until :meth:`apply`.
@@ -89,6 +89,11 @@ class IngressMesh:
         self._clock = clock
         self._listen_addr = listen_addr
         self._bind_source = bind_source
+        # Idle connections are closed after this long (0: never). Long by default: Swarm's
+        # 900 s IPVS cut-off of idle connections is a known pain (moby#31208).
+        self._idle_timeout = idle_timeout
+        self._sweeper: asyncio.Task[None] | None = None
+        self.stats_idle_closed = 0
         self._connect_timeout = connect_timeout
         self._listeners: dict[PublishedPort, _TcpListener] = {}
         self._policies: dict[PublishedPort, LbPolicy] = {}
@@ -111,6 +116,8 @@ class IngressMesh:
         async with self._lock:  # concurrent applies must not interleave
             if self._closed:
                 raise RuntimeError("IngressMesh is closed")
+            if self._sweeper is None and self._idle_timeout > 0:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
             for pp in [pp for pp in self._listeners if pp not in endpoints]:
                 self._listeners.pop(pp).close()
                 self._policies.pop(pp, None)
@@ -182,10 +189,37 @@ class IngressMesh:
         listener = self._listeners.get(pp)
         return set() if listener is None else listener.route.ejected()
 
+    async def _sweep_idle(self) -> None:
+        """Close connections with no traffic either way for the idle timeout (give or take
+        half of it): each sweep clears the sides' busy marks, and a pair found unmarked
+        twice in a row has been idle for at least a whole timeout."""
+        half = self._idle_timeout / 2
+        quiet: set[ClientSide] = set()
+        while True:
+            await asyncio.sleep(half)
+            idle = set()
+            for conn in list(self._conns):
+                peer = conn.peer
+                if conn.busy or (peer is not None and peer.busy):
+                    conn.busy = False
+                    if peer is not None:
+                        peer.busy = False
+                    continue
+                if conn in quiet:
+                    conn.abort()
+                    self.stats_idle_closed += 1
+                else:
+                    idle.add(conn)
+            quiet = idle
+
     async def close(self) -> None:
         """Close every listener and every proxied connection."""
         async with self._lock:
             self._closed = True
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                await asyncio.gather(self._sweeper, return_exceptions=True)
+                self._sweeper = None
             for listener in self._listeners.values():
                 listener.close()
             self._listeners.clear()

@@ -264,6 +264,20 @@ class Route:
         return ClientSide(self)
 
 
+def _set_keepalive(transport: asyncio.BaseTransport) -> None:
+    """TCP keepalive towards backends: a vanished task is noticed on idle connections."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    except OSError:  # pragma: no cover - platform without these options
+        pass
+
+
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
     """Disable Nagle so small request/response traffic is not delayed."""
     sock = transport.get_extra_info("socket")
@@ -288,10 +302,13 @@ def _write_eof(transport: asyncio.Transport) -> None:
 class _Side(asyncio.Protocol):
     """One endpoint of a proxied TCP connection; forwards everything to its peer."""
 
-    __slots__ = ("transport", "peer", "out", "eof", "lost", "blocked")
+    __slots__ = ("transport", "peer", "out", "eof", "lost", "blocked", "busy")
 
     def __init__(self) -> None:
         """Start unconnected."""
+        # Set on every read, cleared by the mesh's idle sweep: one store on the hot path
+        # instead of a clock read or a timer per connection.
+        self.busy = True
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         # The peer's transport, cached so the hot path is one attribute load.
@@ -302,6 +319,7 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Forward bytes as-is; the peer's transport buffers and signals pressure."""
+        self.busy = True
         out = self.out
         if out is None:
             self._hold(data)
@@ -392,6 +410,7 @@ class UpstreamSide(_Side):
         # cast, not isinstance: uvloop's transports do not subclass asyncio's.
         transport = cast(asyncio.Transport, transport)
         _set_nodelay(transport)
+        _set_keepalive(transport)
         self.transport = transport
         client = self.client
         if client.lost or client.transport is None:
