@@ -314,3 +314,20 @@ def test_kernel_and_userspace_balancing_per_port(swarm: LabSwarm) -> None:
     wait_for(lambda: "numgen inc" in swarm.exec("node1", "nft", "list", "table", "ip",
                                                 "corral_ingress").out, what="back in the kernel")
     assert len(from_root()) == 3
+
+
+def test_host_mode_port_forwards_to_the_local_task_only(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "hostnet", "--replicas", "1",
+             "-p", "published=19510,target=80,mode=host", "whoami")
+    try:
+        (task,) = swarm.running("hostnet")
+        nodes = {n["id"]: n["description"]["addr"] for n in swarm.nodes().values()}
+        home = nodes[task["node_id"]]
+        wait_for(lambda: http_get(home, 19510)["task_id"] == task["id"], timeout=10,
+                 what="the node running the task to answer on its host port")
+        for addr in swarm.addrs:
+            if addr != home:
+                r = swarm.exec("node1", "curl", "-s", "-m", "2", f"http://{addr}:19510/")
+                assert r.code != 0, f"{addr} runs no task: nothing answers there"
+    finally:
+        swarm.ok("service", "rm", "hostnet")

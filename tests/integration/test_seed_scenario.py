@@ -249,3 +249,28 @@ def test_proxy_protocol_gives_the_task_the_client_address(swarm: LabSwarm, versi
     r = swarm.cli("service", "create", "--name", "ppbad", "-p",
                   "published=19014,target=80,proxy-protocol=v3", "whoami")
     assert r.code == 1 and "invalid proxy-protocol" in r.err
+
+
+def test_host_mode_publishes_only_where_tasks_run(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "hostp", "--replicas", "2",
+             "-p", "published=19015,target=80,mode=host", "whoami")
+    try:
+        nodes = {n["id"]: n["description"]["addr"] for n in swarm.nodes().values()}
+        running = swarm.running("hostp")
+        with_task = {nodes[t["node_id"]] for t in running}
+        assert len(with_task) == 2, "one task per node: the port can be bound once per node"
+        for addr in swarm.addrs:
+            if addr in with_task:
+                seen = http_get(addr, 19015)
+                assert nodes[next(t["node_id"] for t in running if t["id"] == seen["task_id"])] == addr
+            else:
+                assert not port_bound(addr, 19015), "no mesh for host-mode ports"
+        assert "*:19015->80/tcp" in swarm.ok("service", "ps", "hostp").out
+        assert "19015" not in swarm.ok("service", "ls").out, "ls shows ingress ports only"
+        swarm.ok("service", "scale", "-d", "hostp=4")
+        waiting = wait_for(lambda: [t for t in swarm.tasks("hostp")
+                                    if "host-mode port already in use" in t["status"]["err"]],
+                           what="a task that fits on no node")
+        assert "on 3 nodes" in waiting[0]["status"]["err"]
+    finally:
+        swarm.ok("service", "rm", "hostp")

@@ -348,7 +348,14 @@ class Agent:
             if task_id not in seen:
                 runner.forget()
         self._finished &= seen
-        await self.apply_endpoints(a.endpoints)
+        await self.apply_endpoints(a.endpoints + self.host_endpoints(a))
+
+    def host_endpoints(self, a: Assignments) -> list[Endpoint]:
+        """Host-mode ports the node must forward itself: none for process tasks, which bind
+        the node's port directly; a node-local forward for tasks in their own namespace."""
+        return [e for e in a.host_endpoints
+                if any(b[1] != e.port.published_port or b[0] != self.advertise_addr
+                       for b in e.backends)]
 
     def _start(self, task: Task) -> None:
         runner = TaskRunner(task, self.executor.controller(task), self.report, self.advertise_addr)

@@ -16,10 +16,11 @@ from corral.store.base import ReadTx, WriteTx
 
 
 def service_networks(service: Service, ingress: Network | None) -> list[str]:
-    """IDs of the networks a service's tasks attach to: its own, then ingress if publishing."""
+    """IDs of the networks a service's tasks attach to: its own, then ingress if it publishes
+    a port (or has no network at all: a task in its own namespace always gets an address, as
+    a container always has a network)."""
     ids = list(service.spec.networks)
-    publishes = any(p.publish_mode == "ingress" for p in service.spec.ports)
-    if publishes and ingress is not None and ingress.id not in ids:
+    if (service.spec.ports or not ids) and ingress is not None and ingress.id not in ids:
         ids.append(ingress.id)
     return ids
 

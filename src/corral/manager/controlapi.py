@@ -308,6 +308,7 @@ class ControlAPI:
         if spec.mode is ServiceMode.GLOBAL and spec.replicas not in (0, 1):
             raise InvalidArgument("replicas can only be used with replicated mode")
         seen: set[tuple[str, int]] = set()
+        ingress = {(p.protocol, p.published_port) for p in spec.ports if p.publish_mode == "ingress"}
         for p in spec.ports:
             if p.published_port == API_PORT and p.protocol == "tcp":
                 raise InvalidArgument(f"port {API_PORT} is reserved for the corral API on every node")
@@ -321,9 +322,13 @@ class ControlAPI:
             if other.spec.name == spec.name:
                 raise Conflict(f"service name {spec.name} is already in use")
             for p in other.spec.ports:
-                if (p.protocol, p.published_port) in seen:
+                key = (p.protocol, p.published_port)
+                # An ingress port is bound on every node, so it clashes with any use of the
+                # port; two host-mode ports only clash per node (the scheduler keeps them apart).
+                if key in seen and (p.publish_mode == "ingress" or key in ingress):
+                    mode = "an ingress" if p.publish_mode == "ingress" else "a host-mode"
                     raise Conflict(f"port '{p.published_port}' is already in use by service "
-                                   f"'{other.spec.name}' ({other.id[:12]}) as an ingress port")
+                                   f"'{other.spec.name}' ({other.id[:12]}) as {mode} port")
 
     def create_service(self, spec: ServiceSpec) -> Service:
         def write(tx: WriteTx) -> Service:

@@ -98,6 +98,8 @@ class Assignments(Model):
     heartbeat_period: float
     networks: list[NetworkInfo] = Field(default_factory=list)
     services: list[ServiceEndpoint] = Field(default_factory=list)
+    # Host-mode published ports of this node's own running tasks (no mesh, node-local).
+    host_endpoints: list[Endpoint] = Field(default_factory=list)
 
 
 def secret_digest(secret: str) -> str:
@@ -228,7 +230,8 @@ class Dispatcher:
                            endpoints=ingress_endpoints(services, all_tasks, nodes),
                            heartbeat_period=self.period,
                            networks=network_infos(node_id, view.all(Network), nodes, all_tasks),
-                           services=service_endpoints(services, all_tasks, nodes))
+                           services=service_endpoints(services, all_tasks, nodes),
+                           host_endpoints=host_endpoints(tasks, nodes))
 
 
 def routable(task: Task, nodes: dict[str, Node]) -> bool:
@@ -274,6 +277,19 @@ def service_endpoints(services: list[Service], tasks: list[Task],
         tasks=[TaskEndpoint(name=t.name, ips={a.network_id: a.ip for a in t.networks})
                for t in sorted(by_service.get(s.id, []), key=lambda t: (t.slot, t.id))])
         for s in sorted(services, key=lambda s: s.spec.name)]
+
+
+def host_endpoints(tasks: list[Task], nodes: dict[str, Node]) -> list[Endpoint]:
+    """Each host-mode port of a routable task on this node, backed by that task alone."""
+    out = []
+    for t in sorted(tasks, key=lambda t: t.id):
+        if routable(t, nodes):
+            for p in t.ports:
+                if p.publish_mode == "host":
+                    out.append(Endpoint(service_name=t.service_name, port=p,
+                                        backends=[(t.status.addr, t.status.port or p.target_port,
+                                                   t.id)]))
+    return out
 
 
 def ingress_endpoints(services: list[Service], tasks: list[Task],

@@ -39,11 +39,14 @@ class NodeInfo:
     node: Node
     active_total: int = 0
     active_by_service: Counter[str] = field(default_factory=Counter)
+    # (protocol, published port) taken by host-mode ports of active tasks on the node
+    host_ports: set[tuple[str, int]] = field(default_factory=set)
 
     def add(self, task: Task) -> None:
         """Count `task` as active on this node."""
         self.active_total += 1
         self.active_by_service[task.service_id] += 1
+        self.host_ports |= host_ports(task)
 
 
 class Filter(Protocol):
@@ -114,6 +117,25 @@ class MaxReplicasFilter:
         return "max replicas per node limit exceed"
 
 
+def host_ports(task: Task) -> set[tuple[str, int]]:
+    """The node ports a task binds itself (publish mode host)."""
+    return {(p.protocol, p.published_port) for p in task.ports if p.publish_mode == "host"}
+
+
+class HostPortFilter:
+    """A host-mode published port can be bound by one task per node."""
+
+    name = "host-port"
+
+    def check(self, task: Task, node: NodeInfo) -> bool:
+        """Whether none of the task's host-mode ports is taken on the node."""
+        return not (host_ports(task) & node.host_ports)
+
+    def explain(self, n_nodes: int) -> str:
+        """swarmkit's wording."""
+        return f"host-mode port already in use on {_nodes(n_nodes)}"
+
+
 class Pipeline:
     """The filters enabled for one task, with a failure count per filter."""
 
@@ -136,13 +158,16 @@ class Pipeline:
         )
 
 
-def build_pipeline(constraints: list[Constraint], max_replicas: int) -> Pipeline:
+def build_pipeline(constraints: list[Constraint], max_replicas: int,
+                   uses_host_ports: bool = False) -> Pipeline:
     """A pipeline with the filters that apply: readiness always, the others when configured."""
     filters: list[Filter] = [ReadyFilter()]
     if constraints:
         filters.append(ConstraintFilter(constraints))
     if max_replicas > 0:
         filters.append(MaxReplicasFilter(max_replicas))
+    if uses_host_ports:
+        filters.append(HostPortFilter())
     return Pipeline(filters)
 
 
@@ -221,7 +246,8 @@ def schedule(
         if not infos:
             decisions.append(Decision(task.id, None, NO_SUITABLE_NODE))
             continue
-        pipeline = build_pipeline(constraints_of(task), max_replicas_of(task))
+        pipeline = build_pipeline(constraints_of(task), max_replicas_of(task),
+                                  bool(host_ports(task)))
         candidates = [info for info in infos.values() if pipeline.process(task, info)]
         if not candidates:
             reason = f"{NO_SUITABLE_NODE} ({pipeline.explain()})"

@@ -189,7 +189,11 @@ class ProcessController:
         spec = self._task.spec
         self._argv = resolve_image(spec.image) + list(spec.command) + list(spec.args)
         if self._port == 0:
-            self._port = free_port(self._executor.env.node_addr)
+            host = [p for p in self._task.ports if p.publish_mode == "host"]
+            # Publish mode host: the task binds the node's port itself, with no mesh between
+            # (a process task's "container port" is the node port).
+            self._port = (host[0].published_port if host
+                          else free_port(self._executor.env.node_addr))
         self._dir.mkdir(parents=True, exist_ok=True)
         for name in ("stdout.log", "stderr.log"):
             (self._dir / name).touch()
