@@ -331,3 +331,42 @@ def test_host_mode_port_forwards_to_the_local_task_only(swarm: LabSwarm) -> None
                 assert r.code != 0, f"{addr} runs no task: nothing answers there"
     finally:
         swarm.ok("service", "rm", "hostnet")
+
+
+def test_udp_ingress_in_the_kernel(swarm: LabSwarm, tmp_path: Path) -> None:
+    import socket as so
+    import sys
+    app = tmp_path / "udp-echo"
+    app.write_text(f"#!{sys.executable}\n" + """
+import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((os.environ["HOST"], int(os.environ["PORT"])))
+name = os.environ["CORRAL_TASK_NAME"].encode()
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(name + b" " + data, peer)
+""")
+    app.chmod(0o755)
+    swarm.ok("service", "create", "--name", "udpk", "--replicas", "2", "-d",
+             "-p", "19511:53/udp", str(app))
+    try:
+        wait_for(lambda: len(swarm.running("udpk")) == 2, what="2 UDP replicas")
+        wait_for(lambda: "udp dport 19511" in swarm.exec("node1", "nft", "list", "table", "ip",
+                                                         "corral_ingress").out,
+                 what="the UDP rule")
+        time.sleep(0.5)
+        answers = set()
+        for _ in range(6):
+            with so.socket(so.AF_INET, so.SOCK_DGRAM) as c:
+                c.settimeout(2.0)
+                for _attempt in range(3):
+                    c.sendto(b"ping", (swarm.addrs[0], 19511))
+                    try:
+                        data, _peer = c.recvfrom(2048)
+                        answers.add(data.split()[0])
+                        break
+                    except TimeoutError:
+                        continue
+        assert answers == {b"udpk.1", b"udpk.2"}
+    finally:
+        swarm.ok("service", "rm", "udpk")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -274,3 +275,42 @@ def test_host_mode_publishes_only_where_tasks_run(swarm: LabSwarm) -> None:
         assert "on 3 nodes" in waiting[0]["status"]["err"]
     finally:
         swarm.ok("service", "rm", "hostp")
+
+
+def test_udp_ingress(swarm: LabSwarm, tmp_path: Path) -> None:
+    import socket as so
+    import sys
+    app = tmp_path / "udp-echo"
+    app.write_text(f"#!{sys.executable}\n" + """
+import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((os.environ["HOST"], int(os.environ["PORT"])))
+name = os.environ["CORRAL_TASK_NAME"].encode()
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(name + b" " + data, peer)
+""")
+    app.chmod(0o755)
+    swarm.ok("service", "create", "--name", "udpsvc", "--replicas", "3", "-d",
+             "-p", "19017:53/udp", str(app))
+    try:
+        wait_for(lambda: len(swarm.running("udpsvc")) == 3, what="3 UDP replicas")
+        time.sleep(0.5)  # UDP tasks report running at once (nothing to probe): let them bind
+        answers = set()
+        for i in range(6):  # six clients (six source ports): flows spread round-robin
+            with so.socket(so.AF_INET, so.SOCK_DGRAM) as c:
+                c.settimeout(2.0)
+                for attempt in range(3):
+                    c.sendto(b"ping", (swarm.addrs[1], 19017))
+                    try:
+                        data, peer = c.recvfrom(2048)
+                        break
+                    except TimeoutError:
+                        continue
+                assert peer == (swarm.addrs[1], 19017), "replies come from the published address"
+                assert data.endswith(b" ping")
+                answers.add(data.split()[0])
+        assert answers == {b"udpsvc.1", b"udpsvc.2", b"udpsvc.3"}
+        assert "*:19017->53/udp" in swarm.ok("service", "ls").out
+    finally:
+        swarm.ok("service", "rm", "udpsvc")

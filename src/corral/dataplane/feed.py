@@ -9,12 +9,10 @@ from corral.manager.dispatcher import Endpoint
 
 
 def endpoints_to_mesh(endpoints: list[Endpoint]) -> dict[PublishedPort, list[Backend]]:
-    """Published TCP ports → backends (UDP joins with the data-plane issue)."""
+    """Published ports (TCP and UDP) → backends."""
     out: dict[PublishedPort, list[Backend]] = {}
     for ep in endpoints:
-        if ep.port.protocol != "tcp":
-            continue
-        out[PublishedPort(ep.port.published_port)] = [
+        out[PublishedPort(ep.port.published_port, ep.port.protocol)] = [
             Backend(addr, port, task_id) for addr, port, task_id in ep.backends]
     return out
 
@@ -36,11 +34,11 @@ def kernel_capable(ep: Endpoint) -> bool:
 
 
 def policies_of(endpoints: list[Endpoint]) -> dict[PublishedPort, LbPolicy]:
-    """Each published TCP port's balancing policy for the userspace mesh."""
+    """Each published port's balancing policy for the userspace mesh."""
     out: dict[PublishedPort, LbPolicy] = {}
     for ep in endpoints:
-        if ep.port.protocol == "tcp":
-            kind: BalanceKind = next((k for k in KINDS if k == ep.lb), "rr")
-            version = {"": 0, "v1": 1, "v2": 2}[ep.port.proxy_protocol]
-            out[PublishedPort(ep.port.published_port)] = (kind, ep.lb_affinity, version)
+        kind: BalanceKind = next((k for k in KINDS if k == ep.lb), "rr")
+        # PROXY headers are a TCP stream thing (v2 has a UDP form, not used here).
+        version = {"": 0, "v1": 1, "v2": 2}[ep.port.proxy_protocol] if ep.port.protocol == "tcp" else 0
+        out[PublishedPort(ep.port.published_port, ep.port.protocol)] = (kind, ep.lb_affinity, version)
     return out

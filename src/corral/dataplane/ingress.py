@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from corral.dataplane.balance import BalanceKind, make_balancer
+from corral.dataplane.udp import UdpListener
 from corral.dataplane.proxy import (
     Backend,
     ClientSide,
@@ -65,6 +66,20 @@ class _TcpListener:
         self.server.close()
 
 
+class _UdpListener:
+    """A UDP listener (flows per client) and the route its flows follow."""
+
+    __slots__ = ("listener", "route")
+
+    def __init__(self, listener: UdpListener, route: Route) -> None:
+        self.listener = listener
+        self.route = route
+
+    def close(self) -> None:
+        """Stop receiving and release the port; the flows go with it."""
+        self.listener.close()
+
+
 class IngressMesh:
     """The node's userspace routing mesh."""
 
@@ -95,7 +110,7 @@ class IngressMesh:
         self._sweeper: asyncio.Task[None] | None = None
         self.stats_idle_closed = 0
         self._connect_timeout = connect_timeout
-        self._listeners: dict[PublishedPort, _TcpListener] = {}
+        self._listeners: dict[PublishedPort, _TcpListener | _UdpListener] = {}
         self._policies: dict[PublishedPort, LbPolicy] = {}
         # Stats outlive listeners so counters stay monotonic if a port is
         # removed and re-added (and so draining connections can still count).
@@ -147,7 +162,7 @@ class IngressMesh:
 
     async def _open(self, pp: PublishedPort, backends: Sequence[Backend]) -> str | None:
         """Bind a listener for ``pp``; return an error message instead of raising."""
-        if pp.protocol != "tcp":
+        if pp.protocol not in ("tcp", "udp"):
             return f"unsupported protocol {pp.protocol!r}"
         stats = self._stats.setdefault(pp, PortStats())
         source = (self._listen_addr if self._bind_source
@@ -157,6 +172,14 @@ class IngressMesh:
                       clock=self._clock)
         # Backends are set before the first accept can happen.
         route.set_backends(backends)
+        if pp.protocol == "udp":
+            try:
+                udp = await UdpListener.open(self._listen_addr, pp.port, route,
+                                             source_addr=source)
+            except OSError as exc:
+                return bind_error_message(exc)
+            self._listeners[pp] = _UdpListener(udp, route)
+            return None
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(

@@ -59,9 +59,8 @@ class PublishedPort:
     """A port published on every node of the swarm."""
 
     port: int
-    # Only "tcp" for now; the mesh keys listeners on (port, protocol) so a
-    # UDP listener can be added later without changing this type's users.
-    protocol: Literal["tcp"] = "tcp"
+    # The mesh keys listeners on (port, protocol): a TCP and a UDP listener may share a port.
+    protocol: Literal["tcp", "udp"] = "tcp"
 
 
 @dataclass(slots=True)
