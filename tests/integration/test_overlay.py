@@ -370,3 +370,24 @@ while True:
         assert answers == {b"udpk.1", b"udpk.2"}
     finally:
         swarm.ok("service", "rm", "udpk")
+
+
+def test_traffic_local_keeps_the_client_address(swarm: LabSwarm) -> None:
+    swarm.ok("service", "create", "--name", "local", "--mode", "global",
+             "-p", "published=19513,target=80,traffic=local", "whoami")
+    try:
+        nodes = {n["id"]: n["description"]["hostname"] for n in swarm.nodes().values()}
+        wait_for(lambda: len(swarm.running("local")) == 3, what="one task per node")
+        bridge_ip = swarm.lab.subnet.split("/")[0].rsplit(".", 1)[0] + ".1"
+        for i, addr in enumerate(swarm.addrs):
+            for _ in range(3):
+                seen = http_get(addr, 19513)
+                assert seen["node"] == f"node{i + 1}", "each node answers with its own task"
+                # No source NAT: the task sees the host's address on the lab bridge.
+                assert seen["client"].startswith(f"{bridge_ip}:"), seen["client"]
+        del nodes
+    finally:
+        swarm.ok("service", "rm", "local")
+    r = swarm.cli("service", "create", "--name", "tl", "-p",
+                  "published=19514,target=80,traffic=nearby", "whoami")
+    assert r.code == 1 and "invalid traffic" in r.err

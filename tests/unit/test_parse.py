@@ -79,7 +79,7 @@ def test_parse_publish_ok(value: str, published: int, target: int, protocol: str
         (
             "published=80,target=80,foo=1",
             'invalid publish field "foo" in "published=80,target=80,foo=1": '
-            "expected published, target, protocol, mode or proxy-protocol",
+            "expected published, target, protocol, mode, proxy-protocol or traffic",
         ),
         (
             "published=80,target",

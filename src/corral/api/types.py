@@ -135,6 +135,9 @@ class PortConfig(Model):
     publish_mode: Literal["ingress", "host"] = "ingress"
     # Send the task a PROXY protocol header (v1 text, v2 binary) carrying the client's address.
     proxy_protocol: Literal["", "v1", "v2"] = ""
+    # "local": each node balances only over its own tasks, without source NAT in the kernel
+    # path, so the task sees the client's real address (Kubernetes' externalTrafficPolicy).
+    traffic: Literal["cluster", "local"] = "cluster"
 
 
 class Placement(Model):

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 _PUBLISH_USAGE = "expected PUBLISHED:TARGET[/PROTOCOL] or published=P,target=T"
-_LONG_KEYS = ("published", "target", "protocol", "mode", "proxy-protocol")
+_LONG_KEYS = ("published", "target", "protocol", "mode", "proxy-protocol", "traffic")
 _PROTOCOLS = ("tcp", "udp")
 _MODES = ("ingress", "host")
 
@@ -68,13 +68,16 @@ def _parse_publish_long(value: str) -> PortConfig:
         if key not in _LONG_KEYS:
             raise InvalidArgument(
                 f'invalid publish field "{key}" in "{value}": '
-                "expected published, target, protocol, mode or proxy-protocol"
+                "expected published, target, protocol, mode, proxy-protocol or traffic"
             )
         fields[key] = val.strip()
     if "target" not in fields:
         raise InvalidArgument(f'invalid publish "{value}": target port is required')
     if "published" not in fields:
         raise InvalidArgument(f'invalid publish "{value}": published port is required')
+    traffic = fields.get("traffic", "cluster")
+    if traffic not in ("cluster", "local"):
+        raise InvalidArgument(f'invalid traffic "{traffic}" in "{value}": expected cluster or local')
     proxy = fields.get("proxy-protocol", "")
     if proxy not in ("", "v1", "v2"):
         raise InvalidArgument(f'invalid proxy-protocol "{proxy}" in "{value}": expected v1 or v2')
@@ -84,6 +87,7 @@ def _parse_publish_long(value: str) -> PortConfig:
         protocol=_protocol(fields.get("protocol", "tcp"), value),
         publish_mode=_mode(fields.get("mode", "ingress")),
         proxy_protocol="v1" if proxy == "v1" else "v2" if proxy == "v2" else "",
+        traffic="local" if traffic == "local" else "cluster",
     )
 
 

@@ -20,7 +20,8 @@ def endpoints_to_mesh(endpoints: list[Endpoint]) -> dict[PublishedPort, list[Bac
 def endpoints_to_kernel(endpoints: list[Endpoint]) -> list[IngressRule]:
     """Published ports (TCP and UDP) → the kernel path's DNAT rules, in a stable order."""
     return sorted((IngressRule(ep.port.published_port, ep.port.protocol,
-                               tuple((addr, port) for addr, port, _ in ep.backends), ep.lb)
+                               tuple((addr, port) for addr, port, _ in ep.backends), ep.lb,
+                               ep.port.traffic == "local")
                    for ep in endpoints), key=lambda r: (r.protocol, r.port))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 TABLE = "corral_ingress"
 FAMILY = "ip"
+LOCAL_MARK = 0x636F  # "co": set on traffic=local connections, which are not source-NATed
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class IngressRule:
     protocol: str  # "tcp" or "udp"
     backends: tuple[tuple[str, int], ...]  # (task address, target port)
     lb: str = "rr"  # rr (numgen inc), random (numgen random) or source-hash (jhash saddr)
+    local: bool = False  # traffic=local: local tasks only, no source NAT (client IP kept)
 
 
 def _table(name: str) -> dict[str, Any]:
@@ -92,13 +94,18 @@ def render_ingress_table(node_addr: str, rules: Sequence[IngressRule],
             ipaddress.IPv4Address(a)
         expr = [_match({"payload": {"protocol": "ip", "field": "daddr"}}, addr),
                 _match({"meta": {"key": "l4proto"}}, r.protocol),
-                _match({"payload": {"protocol": "th", "field": "dport"}}, r.port),
-                _dnat(r.backends, r.lb)]
+                _match({"payload": {"protocol": "th", "field": "dport"}}, r.port)]
+        if r.local:
+            # Marked so postrouting leaves the client's address alone: the local task's
+            # replies come back through this node (its default route) anyway.
+            expr.append({"mangle": {"key": {"meta": {"key": "mark"}}, "value": LOCAL_MARK}})
+        expr.append(_dnat(r.backends, r.lb))
         cmds.append(_rule(table, "prerouting", expr))
         cmds.append(_rule(table, "output", expr))
     # Replies must come back through this node: source-NAT what we DNATed towards the tasks.
     cmds.append(_rule(table, "postrouting", [
         _match({"ct": {"key": "status"}}, "dnat", op="in"),
+        _match({"meta": {"key": "mark"}}, LOCAL_MARK, op="!="),
         _match({"ct": {"key": "daddr", "family": "ip", "dir": "original"}}, addr),
         {"masquerade": None}]))
     return {"nftables": cmds}

@@ -227,7 +227,7 @@ class Dispatcher:
         all_tasks = view.all(Task)
         services = view.all(Service)
         return Assignments(version=self.version, node_id=node_id, tasks=tasks,
-                           endpoints=ingress_endpoints(services, all_tasks, nodes),
+                           endpoints=ingress_endpoints(services, all_tasks, nodes, node_id),
                            heartbeat_period=self.period,
                            networks=network_infos(node_id, view.all(Network), nodes, all_tasks),
                            services=service_endpoints(services, all_tasks, nodes),
@@ -293,7 +293,7 @@ def host_endpoints(tasks: list[Task], nodes: dict[str, Node]) -> list[Endpoint]:
 
 
 def ingress_endpoints(services: list[Service], tasks: list[Task],
-                      nodes: dict[str, Node]) -> list[Endpoint]:
+                      nodes: dict[str, Node], node_id: str = "") -> list[Endpoint]:
     """Every ingress-published port in the cluster with its routable backends (pure)."""
     by_service: dict[str, list[Task]] = {}
     for t in tasks:
@@ -306,7 +306,9 @@ def ingress_endpoints(services: list[Service], tasks: list[Task],
             if p.publish_mode == "ingress":
                 # A process task listens on its own port; a netns task, like a container, on
                 # the target port of its own address (it reports port 0).
-                backends = [(t.status.addr, t.status.port or p.target_port, t.id) for t in running]
+                # traffic=local: this node balances over its own tasks only.
+                mine = [t for t in running if p.traffic == "cluster" or t.node_id == node_id]
+                backends = [(t.status.addr, t.status.port or p.target_port, t.id) for t in mine]
                 out.append(Endpoint(service_name=svc.spec.name, port=p, backends=backends,
                                     lb=svc.spec.lb, lb_affinity=svc.spec.lb_affinity))
     return out
