@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from corral.api.types import PortConfig
 from corral.dataplane.feed import endpoints_to_kernel
-from corral.dataplane.nft_ingress import IngressRule, render_delete, render_ingress_table
+from corral.dataplane.nft_ingress import (
+    IngressRule,
+    render_delete,
+    render_ingress_table,
+    render_ingress_update,
+)
 from corral.manager.dispatcher import Endpoint
 
 
@@ -27,24 +34,53 @@ def test_table_is_replaced_atomically() -> None:
 def test_round_robin_dnat_to_the_target_port() -> None:
     r = render_ingress_table("10.99.0.11", [IngressRule(9200, "tcp", (("10.0.0.5", 9200),
                                                                       ("10.0.0.6", 9200)))])
-    (pre,) = rules_of(r, "prerouting")
-    assert rules_of(r, "output") == [pre]
-    assert pre[0]["match"]["right"] == "10.99.0.11"
-    assert pre[1]["match"]["right"] == "tcp" and pre[2]["match"]["right"] == 9200
-    dnat = pre[3]["dnat"]
+    (lookup,) = rules_of(r, "prerouting")
+    assert rules_of(r, "output") == [lookup]
+    assert lookup[0]["match"]["right"] == "10.99.0.11"
+    assert lookup[1]["vmap"]["data"] == "@ports"
+    (port,) = rules_of(r, "p_tcp_9200")
+    assert port[0]["match"]["right"] == "tcp"
+    dnat = port[-1]["dnat"]
     assert dnat["port"] == 9200
     assert dnat["addr"]["map"]["key"] == {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}
     assert dnat["addr"]["map"]["data"]["set"] == [[0, "10.0.0.5"], [1, "10.0.0.6"]]
+    elems = [c["add"]["element"]["elem"] for c in r["nftables"] if "element" in c.get("add", {})]
+    assert elems == [[[{"concat": ["tcp", 9200]}, {"jump": {"target": "p_tcp_9200"}}]]]
     (post,) = rules_of(r, "postrouting")
     assert post[-1] == {"masquerade": None}
 
 
-def test_single_backend_and_empty_ports() -> None:
-    r = render_ingress_table("10.99.0.11", [IngressRule(80, "udp", (("10.0.0.7", 8080),)),
+def test_single_backend_local_traffic_and_empty_ports() -> None:
+    r = render_ingress_table("10.99.0.11", [IngressRule(80, "udp", (("10.0.0.7", 8080),),
+                                                        local=True),
                                             IngressRule(81, "tcp", ())])
-    (pre,) = rules_of(r, "prerouting")  # a port without backends gets no rule: refused
-    assert pre[3] == {"dnat": {"addr": "10.0.0.7", "port": 8080}}
-    assert pre[1]["match"]["right"] == "udp"
+    (port,) = rules_of(r, "p_udp_80")
+    assert port[-1] == {"dnat": {"addr": "10.0.0.7", "port": 8080}}
+    assert port[1]["mangle"]["key"] == {"meta": {"key": "mark"}}, "traffic=local is marked"
+    assert rules_of(r, "p_tcp_81") == [], "a port without backends gets no chain: refused"
+
+
+@pytest.mark.parametrize("lb, key", [("random", "numgen"), ("source-hash", "jhash")])
+def test_kernel_balancing_modes(lb: str, key: str) -> None:
+    r = render_ingress_table("10.0.0.9", [IngressRule(1, "tcp", (("10.0.0.1", 1),
+                                                                 ("10.0.0.2", 1)), lb)])
+    (port,) = rules_of(r, "p_tcp_1")
+    assert key in port[-1]["dnat"]["addr"]["map"]["key"]
+
+
+def test_incremental_update_touches_only_changed_ports() -> None:
+    a = IngressRule(1, "tcp", (("10.0.0.1", 1),))
+    b = IngressRule(2, "tcp", (("10.0.0.2", 2),))
+    b2 = IngressRule(2, "tcp", (("10.0.0.2", 2), ("10.0.0.3", 2)))
+    c = IngressRule(3, "udp", (("10.0.0.4", 3),))
+    assert render_ingress_update([a, b], [a, b]) is None
+    cmds = render_ingress_update([a, b], [b2, c])
+    assert cmds is not None
+    verbs = [(next(iter(x)), next(iter(next(iter(x.values()))))) for x in cmds["nftables"]]
+    assert verbs == [("delete", "element"), ("delete", "chain"),    # port 1 gone
+                     ("flush", "chain"), ("add", "rule"),           # port 2 rewritten
+                     ("add", "chain"), ("add", "rule"), ("add", "element")]  # port 3 new
+    assert "p_tcp_1" not in json.dumps(cmds["nftables"][2:])
 
 
 def test_deterministic_and_validated() -> None:

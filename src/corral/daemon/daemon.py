@@ -33,6 +33,7 @@ from corral.dataplane.nft_ingress import (
     enable_forwarding,
     render_delete,
     render_ingress_table,
+    render_ingress_update,
 )
 from corral.dataplane.ingress import IngressMesh
 from corral.manager.controlapi import JoinRequest, JoinResponse
@@ -203,10 +204,23 @@ class Daemon:
         if rules == self._kernel_rules:
             return
         try:
-            await apply_async(render_ingress_table(self.addr, rules))
+            old = self._kernel_rules
+            if old is None:
+                await apply_async(render_ingress_table(self.addr, rules))
+            else:
+                # Only the ports that changed: other ports keep their state untouched.
+                update = render_ingress_update(old, rules)
+                if update is not None:
+                    try:
+                        await apply_async(update)
+                    except NftError as exc:
+                        log.warning("kernel mesh: incremental update failed (%s); "
+                                    "rewriting the table", exc)
+                        await apply_async(render_ingress_table(self.addr, rules))
             self._kernel_rules = rules
             self.mesh_errors = {}
         except NftError as exc:
+            self._kernel_rules = None  # start from a full table next time
             self.mesh_errors = {"kernel": str(exc)}
             log.error("kernel mesh: %s", exc)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 TABLE = "corral_ingress"
 FAMILY = "ip"
+PORTS_MAP = "ports"
 LOCAL_MARK = 0x636F  # "co": set on traffic=local connections, which are not source-NATed
 
 
@@ -77,31 +78,69 @@ def _rule(table: str, chain: str, expr: list[dict[str, Any]]) -> dict[str, Any]:
     return {"add": {"rule": {"family": FAMILY, "table": table, "chain": chain, "expr": expr}}}
 
 
-def render_ingress_table(node_addr: str, rules: Sequence[IngressRule],
-                         table: str = TABLE) -> dict[str, Any]:
-    """nft JSON that atomically replaces the node's ingress table (pure, deterministic)."""
-    addr = str(ipaddress.IPv4Address(node_addr))
-    cmds: list[dict[str, Any]] = [
-        {"add": _table(table)}, {"delete": _table(table)}, {"add": _table(table)},
-        _chain(table, "prerouting", "prerouting", -100),
-        _chain(table, "output", "output", -100),
-        _chain(table, "postrouting", "postrouting", 100),
-    ]
+def _port_chain(r: IngressRule) -> str:
+    return f"p_{r.protocol}_{r.port}"
+
+
+def _port_rule(table: str, r: IngressRule) -> dict[str, Any]:
+    """The one rule of a port's chain: transport match (nft needs it for a port), then DNAT."""
+    expr = [_match({"meta": {"key": "l4proto"}}, r.protocol)]
+    if r.local:
+        # Marked so postrouting leaves the client's address alone: the local task's replies
+        # come back through this node (its default route) anyway.
+        expr.append({"mangle": {"key": {"meta": {"key": "mark"}}, "value": LOCAL_MARK}})
+    expr.append(_dnat(r.backends, r.lb))
+    return _rule(table, _port_chain(r), expr)
+
+
+def _element(table: str, r: IngressRule, verdict: bool) -> dict[str, Any]:
+    key = {"concat": [r.protocol, r.port]}
+    elem: Any = [key, {"jump": {"target": _port_chain(r)}}] if verdict else key
+    return {"element": {"family": FAMILY, "table": table, "name": PORTS_MAP, "elem": [elem]}}
+
+
+def _chain_ref(table: str, r: IngressRule) -> dict[str, Any]:
+    return {"chain": {"family": FAMILY, "table": table, "name": _port_chain(r)}}
+
+
+def _validate(rules: Sequence[IngressRule]) -> list[IngressRule]:
+    live = []
     for r in sorted(rules, key=lambda r: (r.protocol, r.port)):
-        if not r.backends:
-            continue  # nothing listens on the port: the kernel refuses the connection
         for a, _ in r.backends:
             ipaddress.IPv4Address(a)
-        expr = [_match({"payload": {"protocol": "ip", "field": "daddr"}}, addr),
-                _match({"meta": {"key": "l4proto"}}, r.protocol),
-                _match({"payload": {"protocol": "th", "field": "dport"}}, r.port)]
-        if r.local:
-            # Marked so postrouting leaves the client's address alone: the local task's
-            # replies come back through this node (its default route) anyway.
-            expr.append({"mangle": {"key": {"meta": {"key": "mark"}}, "value": LOCAL_MARK}})
-        expr.append(_dnat(r.backends, r.lb))
-        cmds.append(_rule(table, "prerouting", expr))
-        cmds.append(_rule(table, "output", expr))
+        if r.backends:
+            _dnat(r.backends, r.lb)  # refuses mixed target ports early
+            live.append(r)  # a port without backends has no entry: the kernel refuses it
+    return live
+
+
+def render_ingress_table(node_addr: str, rules: Sequence[IngressRule],
+                         table: str = TABLE) -> dict[str, Any]:
+    """nft JSON that atomically replaces the node's ingress table (pure, deterministic).
+
+    Layout: one rule per hook looks the (protocol, port) up in a verdict map and jumps to the
+    port's own chain, which holds its DNAT rule — so a change to one port rewrites that one
+    chain (see `render_ingress_update`) and leaves every other port's state alone.
+    """
+    addr = str(ipaddress.IPv4Address(node_addr))
+    live = _validate(rules)
+    cmds: list[dict[str, Any]] = [
+        {"add": _table(table)}, {"delete": _table(table)}, {"add": _table(table)},
+        {"add": {"map": {"family": FAMILY, "table": table, "name": PORTS_MAP,
+                         "type": ["inet_proto", "inet_service"], "map": "verdict"}}},
+    ]
+    for r in live:
+        cmds.append({"add": _chain_ref(table, r)})
+        cmds.append(_port_rule(table, r))
+        cmds.append({"add": _element(table, r, verdict=True)})
+    lookup = [_match({"payload": {"protocol": "ip", "field": "daddr"}}, addr),
+              {"vmap": {"key": {"concat": [{"meta": {"key": "l4proto"}},
+                                           {"payload": {"protocol": "th", "field": "dport"}}]},
+                        "data": f"@{PORTS_MAP}"}}]
+    for chain, hook in (("prerouting", "prerouting"), ("output", "output")):
+        cmds.append(_chain(table, chain, hook, -100))
+        cmds.append(_rule(table, chain, lookup))
+    cmds.append(_chain(table, "postrouting", "postrouting", 100))
     # Replies must come back through this node: source-NAT what we DNATed towards the tasks.
     cmds.append(_rule(table, "postrouting", [
         _match({"ct": {"key": "status"}}, "dnat", op="in"),
@@ -109,6 +148,30 @@ def render_ingress_table(node_addr: str, rules: Sequence[IngressRule],
         _match({"ct": {"key": "daddr", "family": "ip", "dir": "original"}}, addr),
         {"masquerade": None}]))
     return {"nftables": cmds}
+
+
+def render_ingress_update(old: Sequence[IngressRule], new: Sequence[IngressRule],
+                          table: str = TABLE) -> dict[str, Any] | None:
+    """The smallest transaction taking the table from `old` to `new` (None: no change).
+
+    Only the ports that changed are touched: their chain is flushed and rewritten, added or
+    removed with its map entry. Other ports keep their rules, counters and round-robin state.
+    """
+    before = {(r.protocol, r.port): r for r in _validate(old)}
+    after = {(r.protocol, r.port): r for r in _validate(new)}
+    cmds: list[dict[str, Any]] = []
+    for key, r in sorted(before.items()):
+        if key not in after:
+            cmds.append({"delete": _element(table, r, verdict=False)})
+            cmds.append({"delete": _chain_ref(table, r)})
+    for key, r in sorted(after.items()):
+        was = before.get(key)
+        if was is None:
+            cmds += [{"add": _chain_ref(table, r)}, _port_rule(table, r),
+                     {"add": _element(table, r, verdict=True)}]
+        elif was != r:
+            cmds += [{"flush": _chain_ref(table, r)}, _port_rule(table, r)]
+    return {"nftables": cmds} if cmds else None
 
 
 def render_delete(table: str = TABLE) -> dict[str, Any]:
