@@ -115,8 +115,9 @@ def standalone_daemon(addr: str, data_dir: Path, hostname: str,
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir.parent / f"{hostname}.log", "wb")
     proc = subprocess.Popen(
+        # These daemons share the test's own network namespace: plain processes for tasks.
         [sys.executable, "-m", "corral", "daemon", "--addr", addr, "--data-dir", str(data_dir),
-         "--hostname", hostname],
+         "--hostname", hostname, "--runtime", "process"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     host = f"{addr}:2377"
     try:

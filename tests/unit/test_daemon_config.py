@@ -40,3 +40,25 @@ def test_wildcard_address_needs_an_advertise_address() -> None:
     with pytest.raises(InvalidArgument, match="--advertise-addr is required"):
         make(addr="0.0.0.0")
     assert make(addr="0.0.0.0", advertise_addr="192.0.2.10").advertise == "192.0.2.10"
+
+
+@pytest.mark.parametrize(("initial", "runtime", "expected"), [
+    (True, "netns", "userspace"),    # never turn on forwarding in the host's namespace by default
+    (False, "netns", "kernel"),      # a node in its own namespace (the netns lab)
+    (False, "process", "userspace"),  # the kernel path reaches tasks over the overlay only
+])
+def test_auto_mesh(monkeypatch: pytest.MonkeyPatch, initial: bool, runtime: str,
+                   expected: str) -> None:
+    monkeypatch.setattr(config_mod, "in_initial_netns", lambda: initial)
+    monkeypatch.setattr(config_mod.shutil, "which", lambda _: "/usr/sbin/nft")
+    assert DaemonConfig.parse_mesh("auto", runtime) == expected  # type: ignore[arg-type]
+    assert DaemonConfig.parse_mesh("userspace", runtime) == "userspace"  # type: ignore[arg-type]
+
+
+def test_kernel_mesh_needs_the_netns_runtime() -> None:
+    with pytest.raises(InvalidArgument, match="--mesh kernel needs --runtime netns"):
+        make(mesh="kernel")
+
+
+def test_this_test_runs_in_some_namespace() -> None:
+    assert isinstance(config_mod.in_initial_netns(), bool)

@@ -163,4 +163,9 @@ class NodeOverlay:
             log.error("VIP rules for task %s: %s", task_id, exc)
 
     async def close(self) -> None:
+        """Stop the DNS and take down this node's bridges and VXLAN devices."""
         await self.dns.close()
+        for plan in self.networks.values():
+            await asyncio.to_thread(self.host.delete_link, vxlan_name(plan.vni))
+            await asyncio.to_thread(self.host.delete_link, bridge_name(plan.vni))
+        self.networks = {}

@@ -16,6 +16,14 @@ Runtime = Literal["process", "netns"]
 Mesh = Literal["userspace", "kernel"]
 
 
+def in_initial_netns() -> bool:
+    """Whether this process runs in the host's network namespace (that of PID 1)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return True  # cannot tell: assume the host, the careful answer
+
+
 def default_runtime() -> Runtime:
     """netns when we can create namespaces (root on Linux), else process — like issue #3 asks."""
     return "netns" if sys.platform == "linux" and os.geteuid() == 0 else "process"
@@ -54,9 +62,12 @@ class DaemonConfig:
 
     @staticmethod
     def parse_mesh(value: str | None, runtime: Runtime) -> Mesh:
-        """auto: the kernel fast path with the netns runtime when nft is there."""
+        """auto: the kernel fast path with the netns runtime when nft is there — but never by
+        default in the host's own network namespace, where it would turn on forwarding."""
         if value in (None, "", "auto"):
-            return "kernel" if runtime == "netns" and shutil.which("nft") else "userspace"
+            own_namespace = not in_initial_netns()
+            return ("kernel" if runtime == "netns" and own_namespace and shutil.which("nft")
+                    else "userspace")
         if value not in ("userspace", "kernel"):
             raise InvalidArgument(f"invalid --mesh {value!r}: expected kernel, userspace or auto")
         return "kernel" if value == "kernel" else "userspace"
