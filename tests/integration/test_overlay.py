@@ -356,19 +356,28 @@ while True:
                                                          "corral_ingress").out,
                  what="the UDP rule")
         time.sleep(0.5)
-        answers = set()
-        for _ in range(6):
-            with so.socket(so.AF_INET, so.SOCK_DGRAM) as c:
-                c.settimeout(2.0)
-                for _attempt in range(3):
-                    c.sendto(b"ping", (swarm.addrs[0], 19511))
-                    try:
-                        data, _peer = c.recvfrom(2048)
-                        answers.add(data.split()[0])
-                        break
-                    except TimeoutError:
-                        continue
-        assert answers == {b"udpk.1", b"udpk.2"}
+        clients = [so.socket(so.AF_INET, so.SOCK_DGRAM) for _ in range(6)]
+
+        def ask(c: so.socket) -> bytes:
+            c.settimeout(2.0)
+            for _attempt in range(3):
+                c.sendto(b"ping", (swarm.addrs[0], 19511))
+                try:
+                    return c.recvfrom(2048)[0].split()[0]
+                except TimeoutError:
+                    continue
+            return b""
+        try:
+            assert {ask(c) for c in clients} == {b"udpk.1", b"udpk.2"}
+            # Removing a replica: its clients' flows are flushed from conntrack, so the same
+            # client sockets (same 5-tuple) now reach the remaining replica.
+            swarm.ok("service", "scale", "-d", "udpk=1")
+            wait_for(lambda: len(swarm.tasks("udpk")) == 1, what="one replica left")
+            time.sleep(0.5)
+            assert {ask(c) for c in clients} == {b"udpk.1"}
+        finally:
+            for c in clients:
+                c.close()
     finally:
         swarm.ok("service", "rm", "udpk")
 

@@ -20,6 +20,7 @@ from corral.agent.worker import Agent
 from corral.api.errors import CorralError, InvalidArgument, NotFound, NotInSwarm, NotManager
 from corral.api.types import API_PORT, Model, NodeRole, TaskState
 from corral.daemon.config import DaemonConfig
+from corral.host.conntrack import flush_udp_flows
 from corral.daemon.state import NodeIdentity, forget_identity, load_identity, save_identity
 from corral.dataplane.feed import (
     endpoints_to_kernel,
@@ -219,10 +220,24 @@ class Daemon:
                         await apply_async(render_ingress_table(self.addr, rules))
             self._kernel_rules = rules
             self.mesh_errors = {}
+            await self._forget_udp_flows(old or [], rules)
         except NftError as exc:
             self._kernel_rules = None  # start from a full table next time
             self.mesh_errors = {"kernel": str(exc)}
             log.error("kernel mesh: %s", exc)
+
+    async def _forget_udp_flows(self, old: list[IngressRule], new: list[IngressRule]) -> None:
+        """UDP flows of removed backends would live on in conntrack: flush them."""
+        now = {(r.protocol, r.port): {a for a, _ in r.backends} for r in new}
+        for r in old:
+            if r.protocol != "udp":
+                continue
+            removed = {a for a, _ in r.backends} - now.get(("udp", r.port), set())
+            if removed:
+                try:
+                    await asyncio.to_thread(flush_udp_flows, self.addr, r.port, removed)
+                except Exception as exc:  # best effort: the flows expire by themselves
+                    log.warning("kernel mesh: flushing UDP flows of port %d: %s", r.port, exc)
 
     # -- what the API needs --------------------------------------------------------------
     def info(self) -> Info:

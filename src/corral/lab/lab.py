@@ -339,7 +339,10 @@ class Lab:
                 "--data-dir", n.data_dir, "--hostname", n.name]
         if self.netns:
             # Each node runs container-like tasks: its own namespace per task.
-            argv += ["--runtime", "netns", TASK_NETNS_OPTION, self.task_netns_prefix]
+            # ...and the kernel fast path: forwarding is switched on in the node's own
+            # namespace only (a daemon cannot always tell it is not in the host's).
+            argv += ["--runtime", "netns", "--mesh", "kernel",
+                     TASK_NETNS_OPTION, self.task_netns_prefix]
             argv = self.hosts.daemon_argv(n.netns, argv)
         else:
             # All loopback nodes share one network namespace: task namespaces would collide
