@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.testing.labs import LabSwarm, http_get, lab_swarm, wait_for
+from corral.testing.labs import LabSwarm, http_get, lab_swarm, udp_echo_app, wait_for
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None,
@@ -336,18 +336,7 @@ def test_host_mode_port_forwards_to_the_local_task_only(swarm: LabSwarm) -> None
 
 def test_udp_ingress_in_the_kernel(swarm: LabSwarm, tmp_path: Path) -> None:
     import socket as so
-    import sys
-    app = tmp_path / "udp-echo"
-    app.write_text(f"#!{sys.executable}\n" + """
-import os, socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((os.environ["HOST"], int(os.environ["PORT"])))
-name = os.environ["CORRAL_TASK_NAME"].encode()
-while True:
-    data, peer = s.recvfrom(2048)
-    s.sendto(name + b" " + data, peer)
-""")
-    app.chmod(0o755)
+    app = udp_echo_app(tmp_path)
     swarm.ok("service", "create", "--name", "udpk", "--replicas", "2", "-d",
              "-p", "19511:53/udp", str(app))
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.testing.labs import LabSwarm, http_get, lab_swarm, wait_for
+from corral.testing.labs import LabSwarm, http_get, lab_swarm, udp_echo_app, wait_for
 
 BASE = "127.0.0.21"  # this module's lab: 127.0.0.21-23, published ports 19000-19019
 
@@ -279,18 +279,7 @@ def test_host_mode_publishes_only_where_tasks_run(swarm: LabSwarm) -> None:
 
 def test_udp_ingress(swarm: LabSwarm, tmp_path: Path) -> None:
     import socket as so
-    import sys
-    app = tmp_path / "udp-echo"
-    app.write_text(f"#!{sys.executable}\n" + """
-import os, socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((os.environ["HOST"], int(os.environ["PORT"])))
-name = os.environ["CORRAL_TASK_NAME"].encode()
-while True:
-    data, peer = s.recvfrom(2048)
-    s.sendto(name + b" " + data, peer)
-""")
-    app.chmod(0o755)
+    app = udp_echo_app(tmp_path)
     swarm.ok("service", "create", "--name", "udpsvc", "--replicas", "3", "-d",
              "-p", "19017:53/udp", str(app))
     try:

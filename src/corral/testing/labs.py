@@ -117,3 +117,23 @@ def wait_for(cond: Callable[[], T], timeout: float = 20.0, interval: float = 0.1
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+UDP_ECHO = """
+import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((os.environ["HOST"], int(os.environ["PORT"])))
+name = os.environ["CORRAL_TASK_NAME"].encode()
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(name + b" " + data, peer)
+"""
+
+
+def udp_echo_app(directory: Path) -> Path:
+    """An executable UDP service for tests: answers each datagram with its task name."""
+    import sys
+    app = directory / "udp-echo"
+    app.write_text(f"#!{sys.executable}\n{UDP_ECHO}")
+    app.chmod(0o755)
+    return app
