@@ -153,6 +153,24 @@ def test_service_logs_and_inspect(swarm: LabSwarm) -> None:
     import json
     (svc,) = json.loads(swarm.ok("service", "inspect", "chatty").out)
     assert svc["spec"]["ports"][0]["published_port"] == 19005
+    # --follow: a task that starts later shows up in the same stream, nothing twice.
+    import os
+    import signal
+    import subprocess
+    import sys
+    follow = subprocess.Popen([sys.executable, "-m", "corral", "service", "logs", "-f", "chatty"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, CORRAL_HOST=swarm.manager))
+    try:
+        time.sleep(1.5)
+        swarm.ok("service", "scale", "chatty=3")
+        time.sleep(2.5)
+        follow.send_signal(signal.SIGINT)
+        out, err = follow.communicate(timeout=10)
+    finally:
+        follow.kill()
+    assert out.count("listening on") == 3 and "chatty.3." in out, (out, err)
+    assert "Traceback" not in err
     swarm.ok("service", "rm", "chatty")
 
 

@@ -259,14 +259,32 @@ def exec_(ctx: typer.Context,
 @app.command()
 def logs(ctx: typer.Context, service: Annotated[str, typer.Argument(help="SERVICE")],
          tail: Annotated[Optional[int], typer.Option("-n", "--tail", help="Lines from the end of each task's logs")] = None,
-         raw: Annotated[bool, typer.Option("--raw", help="Do not prefix lines with the task")] = False) -> None:
+         raw: Annotated[bool, typer.Option("--raw", help="Do not prefix lines with the task")] = False,
+         follow: Annotated[bool, typer.Option("-f", "--follow", help="Follow log output")] = False) -> None:
     """Fetch the logs of a service's tasks."""
     c = client(ctx)
-    for ln in c.get(f"/v1/services/{service}/logs", tail=tail):
-        if raw:
-            typer.echo(ln["line"])
-        else:
-            typer.echo(f"{ln['task_name']}.{ln['task_id'][:12]}@{ln['node']}    | {ln['line']}")
+    printed: dict[tuple[str, str], int] = {}  # (task, stream) -> lines shown so far
+
+    def show(lines: list[dict[str, str]]) -> None:
+        seen: dict[tuple[str, str], int] = {}
+        for ln in lines:
+            key = (ln["task_id"], ln["stream"])
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] <= printed.get(key, 0):
+                continue  # shown by an earlier poll
+            printed[key] = seen[key]
+            typer.echo(ln["line"] if raw else
+                       f"{ln['task_name']}.{ln['task_id'][:12]}@{ln['node']}    | {ln['line']}")
+    show(c.get(f"/v1/services/{service}/logs", tail=tail))
+    if follow and tail is None:
+        try:
+            while True:  # a poll a second: the nodes keep each task's logs in files
+                time.sleep(1.0)
+                show(c.get(f"/v1/services/{service}/logs"))
+        except KeyboardInterrupt:
+            pass
+    elif follow:
+        raise InvalidArgument("--follow with --tail is not supported yet: use one of them")
 
 
 @app.command()
