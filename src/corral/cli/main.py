@@ -54,6 +54,8 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
                     "(the asyncio proxy) or auto (kernel when it can)")] = "auto",
            mesh_idle_timeout: Annotated[str, typer.Option(
                help="Close proxied connections idle this long (0 = never)")] = "1h",
+           mesh_workers: Annotated[int, typer.Option(
+               help="Userspace mesh processes per node sharing each port (e.g. one per core)")] = 1,
            ) -> None:
     """Run a node's daemon in the foreground."""
     from corral.daemon.config import DaemonConfig
@@ -64,7 +66,7 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
         hostname=hostname or socket.gethostname(), api_port=port, advertise_addr=advertise_addr,
         runtime=chosen, task_netns_prefix=task_netns_prefix,
         mesh=DaemonConfig.parse_mesh(mesh, chosen),
-        mesh_idle_timeout=parse_duration(mesh_idle_timeout))
+        mesh_idle_timeout=parse_duration(mesh_idle_timeout), mesh_workers=mesh_workers)
     raise typer.Exit(run_daemon(config))
 
 

@@ -43,6 +43,7 @@ class DaemonConfig:
     task_netns_prefix: str = "corral-t-"
     mesh: Mesh = "userspace"
     mesh_idle_timeout: float = 3600.0  # 0 = never close idle proxied connections
+    mesh_workers: int = 1  # userspace mesh processes sharing each port (SO_REUSEPORT)
 
     def __post_init__(self) -> None:
         if self.advertise_addr is None and self.addr in ("0.0.0.0", "::", ""):
@@ -52,6 +53,8 @@ class DaemonConfig:
         if self.mesh == "kernel" and self.runtime != "netns":
             raise InvalidArgument("--mesh kernel needs --runtime netns (tasks reached over the "
                                   "overlay, forwarding in the node's own namespace)")
+        if not 1 <= self.mesh_workers <= 64:
+            raise InvalidArgument("--mesh-workers must be between 1 and 64")
         if not 1 <= len(self.task_netns_prefix) <= 20:
             raise InvalidArgument("--task-netns-prefix must be 1 to 20 characters")
 

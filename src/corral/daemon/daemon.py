@@ -7,6 +7,7 @@ import asyncio
 import logging
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import httpx
@@ -37,6 +38,7 @@ from corral.dataplane.nft_ingress import (
     render_ingress_update,
 )
 from corral.dataplane.ingress import IngressMesh
+from corral.dataplane.worker import encode as encode_update
 from corral.manager.controlapi import JoinRequest, JoinResponse
 from corral.manager.dispatcher import Assignments, Endpoint
 from corral.manager.manager import Manager
@@ -79,7 +81,9 @@ class Daemon:
         # With task namespaces the mesh reaches tasks over the ingress overlay: let the kernel
         # pick the node's address there as the source instead of the node's own address.
         self.mesh = IngressMesh(config.addr, bind_source=config.runtime == "process",
-                                idle_timeout=config.mesh_idle_timeout)
+                                idle_timeout=config.mesh_idle_timeout,
+                                reuse_port=config.mesh_workers > 1)
+        self._workers: list[asyncio.subprocess.Process] = []
         self.overlay: NodeOverlay | None = None
         self._kernel_rules: list[IngressRule] | None = None
         self.mesh_errors: dict[str, str] = {}
@@ -106,6 +110,7 @@ class Daemon:
             enable_forwarding()  # this node's own namespace only (the netns runtime's rule)
         if killed:
             log.warning("killed %d task processes left by a previous run", len(killed))
+        await self._start_mesh_workers()
         self.identity = load_identity(self.data_dir)
         if self.identity is not None:
             if self.identity.role is NodeRole.MANAGER:
@@ -113,8 +118,40 @@ class Daemon:
                 self.manager.start()
             self._start_agent(self.identity)
 
+    async def _start_mesh_workers(self) -> None:
+        """Extra userspace mesh processes on the same ports (the kernel spreads connections)."""
+        argv = [sys.executable, "-m", "corral.dataplane.worker", "--listen", self.addr,
+                "--idle-timeout", str(self.config.mesh_idle_timeout)]
+        if self.config.runtime == "process":
+            argv.append("--bind-source")
+        for _ in range(self.config.mesh_workers - 1):
+            self._workers.append(await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE))
+
+    async def _feed_workers(self, update: bytes) -> None:
+        for w in self._workers:
+            if w.stdin is not None and w.returncode is None:
+                try:
+                    w.stdin.write(update)
+                    await w.stdin.drain()
+                except (ConnectionError, BrokenPipeError) as exc:
+                    log.error("mesh worker %d is gone: %s", w.pid, exc)
+
+    async def _stop_mesh_workers(self) -> None:
+        for w in self._workers:
+            if w.stdin is not None:
+                w.stdin.close()  # EOF: the worker closes its listeners and exits
+        for w in self._workers:
+            try:
+                await asyncio.wait_for(w.wait(), 3.0)
+            except TimeoutError:
+                w.kill()
+                await w.wait()
+        self._workers = []
+
     async def stop(self) -> None:
         await self._stop_agent()
+        await self._stop_mesh_workers()
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None
@@ -155,6 +192,7 @@ class Daemon:
             await self.agent.session.close()
             self.agent = None
         await self.mesh.apply({})
+        await self._feed_workers(encode_update({}, {}))
         if self.config.mesh == "kernel" and self._kernel_rules is not None:
             try:
                 await apply_async(render_delete())
@@ -171,7 +209,10 @@ class Daemon:
             # userspace listener on its port.
             await self._apply_kernel_mesh([e for e in endpoints if kernel_capable(e)])
             endpoints = [e for e in endpoints if not kernel_capable(e)]
-        errors = await self.mesh.apply(endpoints_to_mesh(endpoints), policies_of(endpoints))
+        mesh, policies = endpoints_to_mesh(endpoints), policies_of(endpoints)
+        errors = await self.mesh.apply(mesh, policies)
+        if self._workers:
+            await self._feed_workers(encode_update(mesh, policies))
         self.mesh_errors = {f"{p.port}/{p.protocol}": e for p, e in errors.items()}
         for port, err in self.mesh_errors.items():
             log.error("cannot publish %s on %s: %s", port, self.addr, err)

@@ -86,7 +86,7 @@ class IngressMesh:
     def __init__(self, listen_addr: str, *, connect_timeout: float = 2.0,
                  bind_source: bool = True, idle_timeout: float = 3600.0, eject_base: float = 0.5,
                  eject_max: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, reuse_port: bool = False) -> None:
         """Configure the mesh; nothing is bound until :meth:`apply`.
 
         With `bind_source`, upstream connections leave from `listen_addr`; without it the
@@ -104,6 +104,7 @@ class IngressMesh:
         self._clock = clock
         self._listen_addr = listen_addr
         self._bind_source = bind_source
+        self._reuse_port = reuse_port
         # Idle connections are closed after this long (0: never). Long by default: Swarm's
         # 900 s IPVS cut-off of idle connections is a known pain (moby#31208).
         self._idle_timeout = idle_timeout
@@ -187,6 +188,9 @@ class IngressMesh:
                 host=self._listen_addr,
                 port=pp.port,
                 reuse_address=True,
+                # Several mesh processes (--mesh-workers) share each port; the kernel spreads
+                # new connections over them.
+                reuse_port=self._reuse_port or None,
                 backlog=_BACKLOG,
             )
         except OSError as exc:
