@@ -9,13 +9,19 @@ own loopback address:
   and balanced traffic never share backend 4-tuples: see the loopback TIME_WAIT trap in
   /work/shared/platform-facts.md);
 - corral mesh: bench/mesh_proxy.py (an IngressMesh on uvloop), round-robin over the 3;
-- HAProxy `mode tcp` and nginx `stream`, round-robin over the 3, one thread/worker each.
+- HAProxy `mode tcp` and nginx `stream`, round-robin over the 3, one thread/worker each;
+- corral kernel (nftables): corral's own ingress ruleset (nft_ingress.render_ingress_table,
+  applied with nft.apply) DNATing round-robin over 3 backends, run entirely inside a throwaway
+  network namespace (its own nginx backends, wrk and curl in there too, 10.98.200.0/24 on its
+  loopback), next to a "direct in netns" path measured the same way for reference.
 
 Loads: keep-alive req/s (with p50/p99), a new connection per request, and 100 MB transfers.
 Prints one table with each figure also as a ratio to direct and to HAProxy, then the mesh
 process's resident memory idle and while holding 2,000 idle connections. Needs root only to
-install wrk/haproxy/nginx when they are missing. All traffic stays on 127.0.0.0/8; every process
-and temporary file is removed on exit, also on failure or Ctrl-C. See bench/README.md.
+install wrk/haproxy/nginx when they are missing and for the namespace (without root the kernel rows
+are skipped). All traffic stays on 127.0.0.0/8 or inside the benchmark's own namespace; every
+process, the namespace and every temporary file are removed on exit, also on failure or Ctrl-C.
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import pathlib
 import re
 import resource
+import secrets
 import select
 import shutil
 import signal
@@ -38,6 +45,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+try:
+    import corral  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "src"))
+
+from corral.dataplane.nft import NftError
+from corral.dataplane.nft import apply as nft_apply
+from corral.dataplane.nft_ingress import IngressRule, render_ingress_table
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 BACKENDS = [("127.0.0.81", 18081), ("127.0.0.82", 18082), ("127.0.0.83", 18083)]
@@ -49,6 +65,16 @@ BULK_RUNS = 3
 HELD_CONNECTIONS = 2000
 
 STREAM_MODULE = pathlib.Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+# The kernel path, all inside one throwaway network namespace (these addresses exist only on
+# that namespace's loopback). The kernel path needs every backend of a port on one target port,
+# so the 3 backends share a port on 3 addresses.
+NS_NODE = ("10.98.200.1", 18080)  # the "node address" and published port: corral's DNAT
+NS_BACKENDS = [("10.98.200.11", 18081), ("10.98.200.12", 18081), ("10.98.200.13", 18081)]
+NS_DIRECT = ("10.98.200.21", 18081)  # backend 1's second address, only for direct traffic
+# Conntrack's TIME_WAIT timeout inside the namespace (default 120 s): new-connection runs open
+# ~40k connections a second, which would otherwise fill the conntrack table (262,144 entries).
+NS_CT_TIME_WAIT = 2
 
 
 def log(msg: str) -> None:
@@ -205,13 +231,14 @@ def rss_kb(pid: int) -> int:
 # ------------------------------------------------------------------- configuration
 
 
-def backend_conf(tmp: pathlib.Path) -> str:
-    """Three server blocks on one nginx worker; backend 1 also listens on DIRECT."""
+def backend_conf(tmp: pathlib.Path, backends: Sequence[tuple[str, int]] = BACKENDS,
+                 direct: tuple[str, int] = DIRECT, name: str = "backends") -> str:
+    """Three server blocks on one nginx worker; backend 1 also listens on ``direct``."""
     servers = []
-    for i, (addr, port) in enumerate(BACKENDS):
+    for i, (addr, port) in enumerate(backends):
         listens = [f"listen {addr}:{port} backlog=4096;"]
         if i == 0:
-            listens.append(f"listen {DIRECT[0]}:{DIRECT[1]} backlog=4096;")
+            listens.append(f"listen {direct[0]}:{direct[1]} backlog=4096;")
         servers.append(f"""
         server {{
             {' '.join(listens)}
@@ -222,8 +249,8 @@ def backend_conf(tmp: pathlib.Path) -> str:
 worker_processes 1;
 worker_rlimit_nofile 65536;
 daemon off;
-pid {tmp}/backends.pid;
-error_log {tmp}/backends.error.log warn;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.error.log warn;
 events {{ worker_connections 16384; }}
 http {{
     access_log off;
@@ -300,6 +327,8 @@ class Path:
     port: int
     skipped: str = ""  # why this path was not measured ("" = it was)
     pid: int | None = None  # the proxy process (for memory figures)
+    netns: str | None = None  # run the load generator inside this network namespace
+    extra_refs: tuple[str, ...] = ()  # more paths to show ratios to (besides direct, haproxy)
 
     @property
     def url(self) -> str:
@@ -354,6 +383,95 @@ def start_nginx_stream(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
     wait_listening(path.addr, path.port, proc, procs, "stream")
 
 
+# ------------------------------------------------------------- the kernel (nft) path
+
+
+class BenchNetns:
+    """One throwaway network namespace for the kernel rows; :meth:`delete` removes it."""
+
+    def __init__(self) -> None:
+        self.name = f"corral-bench-{secrets.token_hex(4)}"
+        self.created = False
+
+    def _ip(self, *args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+    def create(self) -> None:
+        self._ip("netns", "add", self.name)
+        self.created = True
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+        for addr in {NS_NODE[0], *(a for a, _ in NS_BACKENDS), NS_DIRECT[0]}:
+            self._ip("-n", self.name, "addr", "add", f"{addr}/32", "dev", "lo")
+
+    def set_ct_time_wait(self, seconds: int) -> str:
+        """Conntrack's TCP TIME_WAIT timeout in the namespace; returns a note if refused."""
+        done = subprocess.run(in_netns(self.name, [
+            "sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_tcp_timeout_time_wait={seconds}"]),
+            capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            return ("could not shorten conntrack's TIME_WAIT timeout in the namespace "
+                    f"({done.stderr.strip()[-120:]}): new-connection runs may fill the table")
+        return ""
+
+    def delete(self) -> None:
+        if not self.created:
+            return
+        # Anything still running in there is ours (nginx, wrk, curl): kill it by pid.
+        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                              text=True, timeout=10).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        # Deleting the namespace also removes its nft table and conntrack entries.
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+        self.created = False
+
+
+def wait_listening_netns(netns: str, addr: str, port: int, proc: subprocess.Popen[bytes],
+                         procs: Processes, name: str, timeout: float = 10.0) -> None:
+    """:func:`wait_listening` for an address inside ``netns`` (an HTTP GET with curl)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {procs.stderr_tail(name)}")
+        done = subprocess.run(in_netns(netns, ["curl", "-s", "-m", "1", f"http://{addr}:{port}/"]),
+                              capture_output=True, text=True, timeout=10)
+        if done.returncode == 0 and done.stdout == "ok\n":
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: no answer from {addr}:{port} in {netns} after {timeout}s")
+        time.sleep(0.1)
+
+
+def start_kernel_paths(procs: Processes, tmp: pathlib.Path, ns: BenchNetns) -> list[str]:
+    """Namespace, its own backends, corral's ingress table; returns notes. Raises if unusable."""
+    if os.geteuid() != 0:
+        raise RuntimeError("needs root (network namespace, nftables)")
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} not installed")
+    ns.create()
+    notes = [note for note in [ns.set_ct_time_wait(NS_CT_TIME_WAIT)] if note]
+    conf = tmp / "ns-backends.conf"
+    conf.write_text(backend_conf(tmp, NS_BACKENDS, NS_DIRECT, "ns-backends"))
+    proc = procs.start("ns-backends", in_netns(ns.name, [
+        "nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "ns-backends.error.log")]))
+    for addr, port in [*NS_BACKENDS, NS_DIRECT]:
+        wait_listening_netns(ns.name, addr, port, proc, procs, "ns-backends")
+    # corral's own kernel fast path, exactly as a node renders and applies it.
+    rule = IngressRule(NS_NODE[1], "tcp", tuple(NS_BACKENDS))
+    try:
+        nft_apply(render_ingress_table(NS_NODE[0], [rule]), netns=ns.name)
+    except NftError as exc:
+        raise RuntimeError(f"nft refused corral's ingress table: {exc}") from exc
+    wait_listening_netns(ns.name, *NS_NODE, proc, procs, "ns-backends")
+    return notes
+
+
 # --------------------------------------------------------------------------- loads
 
 
@@ -375,12 +493,18 @@ def _duration(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(url: str, seconds: float, headers: Sequence[str] = ()) -> WrkRun:
+def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv``, run inside ``netns`` when given (``ip netns exec`` execs it, same pid)."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+
+
+def run_wrk(url: str, seconds: float, headers: Sequence[str] = (),
+            netns: str | None = None) -> WrkRun:
     argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds:g}s", "--latency",
             "--timeout", "5s"]
     for header in headers:
         argv += ["-H", header]
-    out = subprocess.run([*argv, url], capture_output=True, text=True,
+    out = subprocess.run(in_netns(netns, [*argv, url]), capture_output=True, text=True,
                          timeout=seconds + 30).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if rps is None:
@@ -395,8 +519,8 @@ def run_wrk(url: str, seconds: float, headers: Sequence[str] = ()) -> WrkRun:
 
 
 def keepalive(path: Path, seconds: float, res: Results) -> str:
-    run_wrk(path.url, 1)  # warm-up: caches, connection pools, the allocator
-    run = run_wrk(path.url, seconds)
+    run_wrk(path.url, 1, netns=path.netns)  # warm-up: caches, connection pools, the allocator
+    run = run_wrk(path.url, seconds, netns=path.netns)
     res.keepalive_rps, res.p50_s, res.p99_s = run.rps, run.p50_s, run.p99_s
     if run.problems:
         res.notes.append(f"keep-alive: {run.problems}")
@@ -404,7 +528,7 @@ def keepalive(path: Path, seconds: float, res: Results) -> str:
 
 
 def new_connection(path: Path, seconds: float, res: Results) -> str:
-    run = run_wrk(path.url, seconds, ["Connection: close"])
+    run = run_wrk(path.url, seconds, ["Connection: close"], netns=path.netns)
     res.newconn_rps = run.rps
     if run.problems:
         res.notes.append(f"new-conn: {run.problems}")
@@ -416,8 +540,8 @@ def bulk(path: Path, seconds: float, res: Results) -> str:
     best = 0.0
     for _ in range(BULK_RUNS):
         out = subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "--max-time", "60",
-             "-w", "%{speed_download} %{size_download}", path.url + "bulk"],
+            in_netns(path.netns, ["curl", "-s", "-o", "/dev/null", "--max-time", "60",
+                                  "-w", "%{speed_download} %{size_download}", path.url + "bulk"]),
             capture_output=True, text=True, timeout=90).stdout.split()
         if len(out) != 2 or int(float(out[1])) != BULK_BYTES:
             res.notes.append(f"bulk: short transfer {out}")
@@ -531,7 +655,7 @@ def render_table(paths: Sequence[Path], results: dict[str, Results],
         for _, get, fmt in COLUMNS:
             value = get(res)
             ratios = []
-            for ref in references:
+            for ref in (*references, *path.extra_refs):
                 ref_res = results.get(ref)
                 ref_value = get(ref_res) if ref_res is not None else None
                 if ref != path.key and value is not None and ref_value:
@@ -542,6 +666,18 @@ def render_table(paths: Sequence[Path], results: dict[str, Results],
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def kernel_note(netns: str) -> str:
+    first, last = NS_BACKENDS[0][0], NS_BACKENDS[-1][0].rsplit(".", 1)[1]
+    return (f"note: 'direct in netns' and 'corral kernel (nftables)' run inside the throwaway "
+            f"namespace {netns}: their own nginx backends (1 worker, {first}-{last}:"
+            f"{NS_BACKENDS[0][1]}, direct on {NS_DIRECT[0]}), wrk and curl in there too. The "
+            f"kernel row is corral's render_ingress_table() DNATing {NS_NODE[0]}:{NS_NODE[1]} "
+            f"in the nat output hook (numgen round-robin, masquerade); conntrack is on in the "
+            f"namespace for both rows. '× ns-direct' compares the kernel row with direct in "
+            f"netns (same namespace and backends); its 'direct'/'haproxy' ratios cross into the "
+            f"root namespace's run (other backend processes, same load generator settings).")
 
 
 # ---------------------------------------------------------------------------- main
@@ -568,9 +704,13 @@ def run(seconds: float) -> int:
             return 1
     raise_fd_limit()
 
+    ns = BenchNetns()
     paths = [
         Path("direct", "direct (1 backend)", *DIRECT),
+        Path("ns-direct", "direct in netns (1 backend)", *NS_DIRECT, netns=ns.name),
         Path("corral", "corral mesh (uvloop)", "127.0.0.90", 19090),
+        Path("kernel", "corral kernel (nftables)", *NS_NODE, netns=ns.name,
+             extra_refs=("ns-direct",)),
         Path("haproxy", "HAProxy mode tcp", "127.0.0.91", 19091),
         Path("nginx", "nginx stream", "127.0.0.92", 19092),
     ]
@@ -597,6 +737,13 @@ def run(seconds: float) -> int:
             except RuntimeError as exc:
                 lines = str(exc).strip().splitlines()  # the last line says why (ALERT/emerg)
                 path.skipped = f"did not start: {lines[-1].strip()[-160:] if lines else exc}"
+        log(f"kernel rows: namespace {ns.name}, corral's ingress table…")
+        try:
+            notes += start_kernel_paths(procs, tmp, ns)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            lines = str(exc).strip().splitlines()
+            for key in ("ns-direct", "kernel"):
+                by_key[key].skipped = lines[-1].strip()[-200:] if lines else repr(exc)
 
         # Memory first, on the fresh mesh process, before the load runs grow its heap.
         log(f"mesh memory: holding {HELD_CONNECTIONS:,} idle connections…")
@@ -616,8 +763,11 @@ def run(seconds: float) -> int:
         print(f"wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {seconds:g}s per run; "
               f"bulk = best of {BULK_RUNS} curl downloads of 100 MiB; "
               f"load average at start {os.getloadavg()[0]:.2f}")
-        print(f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}")
+        print(f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}; "
+              f"{version(['nft', '--version'])}; kernel {os.uname().release}")
         print(render_table(paths, results))
+        if not by_key["kernel"].skipped:
+            print(kernel_note(ns.name))
         print(f"corral mesh RSS: idle {memory.idle_kb / 1024:.1f} MB, after warm-up "
               f"{memory.before_kb / 1024:.1f} MB, holding {HELD_CONNECTIONS:,} idle connections "
               f"{memory.held_kb / 1024:.1f} MB → {memory.kb_per_conn:.1f} KB per connection "
@@ -633,8 +783,13 @@ def run(seconds: float) -> int:
             print(f"note: {note}")
         return 0
     finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            procs.stop_all()
+        finally:
+            try:
+                ns.delete()
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:

@@ -310,6 +310,13 @@ def test_kernel_and_userspace_balancing_per_port(swarm: LabSwarm) -> None:
         assert "19500" not in swarm.exec("node1", "nft", "list", "table", "ip",
                                          "corral_ingress").out
         assert len(from_root()) == 1
+        # Round-robin with client-IP affinity: back in the kernel, with a timed set.
+        swarm.ok("service", "update", "--lb", "rr", "--lb-affinity", "client-ip:30s", "search")
+        wait_for(lambda: "a_tcp_19500_0" in swarm.exec("node1", "nft", "list", "table", "ip",
+                                                       "corral_ingress").out,
+                 what="the affinity sets")
+        assert len(from_root()) == 1
+        swarm.ok("service", "update", "--lb-affinity", "none", "search")
     finally:
         swarm.ok("service", "update", "--lb", "rr", "search")
     wait_for(lambda: "numgen inc" in swarm.exec("node1", "nft", "list", "table", "ip",

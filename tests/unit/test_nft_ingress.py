@@ -77,10 +77,10 @@ def test_incremental_update_touches_only_changed_ports() -> None:
     cmds = render_ingress_update([a, b], [b2, c])
     assert cmds is not None
     verbs = [(next(iter(x)), next(iter(next(iter(x.values()))))) for x in cmds["nftables"]]
-    assert verbs == [("delete", "element"), ("delete", "chain"),    # port 1 gone
+    assert verbs == [("delete", "element"), ("flush", "chain"), ("delete", "chain"),  # port 1
                      ("flush", "chain"), ("add", "rule"),           # port 2 rewritten
                      ("add", "chain"), ("add", "rule"), ("add", "element")]  # port 3 new
-    assert "p_tcp_1" not in json.dumps(cmds["nftables"][2:])
+    assert "p_tcp_1" not in json.dumps(cmds["nftables"][3:])
 
 
 def test_deterministic_and_validated() -> None:
@@ -101,3 +101,25 @@ def test_endpoints_to_kernel() -> None:
                                                       protocol="udp"), backends=[])]
     assert endpoints_to_kernel(eps) == [IngressRule(8080, "tcp", (("10.0.0.5", 80),)),
                                         IngressRule(53, "udp", ())]
+
+
+def test_affinity_uses_a_timed_set_per_backend() -> None:
+    sticky = IngressRule(80, "tcp", (("10.0.0.1", 80), ("10.0.0.2", 80)), affinity=30.0)
+    r = render_ingress_table("10.0.0.9", [sticky])
+    sets = [c["add"]["set"] for c in r["nftables"] if "set" in c.get("add", {})]
+    assert [(x["name"], x["timeout"], x["flags"]) for x in sets] == [
+        ("a_tcp_80_0", 30, ["timeout"]), ("a_tcp_80_1", 30, ["timeout"])]
+    port = rules_of(r, "p_tcp_80")
+    assert [e[1]["match"]["right"] for e in port[:2]] == ["@a_tcp_80_0", "@a_tcp_80_1"]
+    assert port[2][0]["vmap"]["data"]["set"][1] == [1, {"goto": {"target": "b_tcp_80_1"}}]
+    (b0,) = rules_of(r, "b_tcp_80_0")
+    assert b0[1]["set"] == {"op": "update", "elem": {"payload": {"protocol": "ip",
+                                                                  "field": "saddr"}},
+                            "set": "@a_tcp_80_0"}
+    # A change to a sticky port rebuilds its objects whole, in one transaction.
+    fewer = IngressRule(80, "tcp", (("10.0.0.1", 80),), affinity=30.0)
+    cmds = render_ingress_update([sticky], [fewer])
+    assert cmds is not None
+    deleted_sets = [c["delete"]["set"]["name"] for c in cmds["nftables"]
+                    if "set" in c.get("delete", {})]
+    assert deleted_sets == ["a_tcp_80_0", "a_tcp_80_1"]

@@ -21,17 +21,18 @@ def endpoints_to_kernel(endpoints: list[Endpoint]) -> list[IngressRule]:
     """Published ports (TCP and UDP) → the kernel path's DNAT rules, in a stable order."""
     return sorted((IngressRule(ep.port.published_port, ep.port.protocol,
                                tuple((addr, port) for addr, port, _ in ep.backends), ep.lb,
-                               ep.port.traffic == "local")
+                               ep.port.traffic == "local", ep.lb_affinity)
                    for ep in endpoints), key=lambda r: (r.protocol, r.port))
 
 
-# What nftables can do itself: round-robin and random with numgen, source hash with jhash.
+# What nftables can do itself: round-robin and random with numgen, source hash with jhash
+# (and client-IP affinity on top of any of them, with a timed set per backend).
 KERNEL_LB = ("rr", "random", "source-hash")
 
 
 def kernel_capable(ep: Endpoint) -> bool:
     """Whether the kernel path can serve this port as asked (else the userspace proxy does)."""
-    return ep.lb in KERNEL_LB and ep.lb_affinity is None and not ep.port.proxy_protocol
+    return ep.lb in KERNEL_LB and not ep.port.proxy_protocol
 
 
 def policies_of(endpoints: list[Endpoint]) -> dict[PublishedPort, LbPolicy]:

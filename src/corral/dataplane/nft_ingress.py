@@ -36,6 +36,7 @@ class IngressRule:
     backends: tuple[tuple[str, int], ...]  # (task address, target port)
     lb: str = "rr"  # rr (numgen inc), random (numgen random) or source-hash (jhash saddr)
     local: bool = False  # traffic=local: local tasks only, no source NAT (client IP kept)
+    affinity: float | None = None  # client-IP stickiness, seconds (a timed set per backend)
 
 
 def _table(name: str) -> dict[str, Any]:
@@ -93,6 +94,64 @@ def _port_rule(table: str, r: IngressRule) -> dict[str, Any]:
     return _rule(table, _port_chain(r), expr)
 
 
+def _head(r: IngressRule) -> list[dict[str, Any]]:
+    """Transport match (nft needs it before a port), and the traffic=local mark."""
+    expr = [_match({"meta": {"key": "l4proto"}}, r.protocol)]
+    if r.local:
+        expr.append({"mangle": {"key": {"meta": {"key": "mark"}}, "value": LOCAL_MARK}})
+    return expr
+
+
+def _sticky_names(r: IngressRule, i: int) -> tuple[str, str]:
+    return f"a_{r.protocol}_{r.port}_{i}", f"b_{r.protocol}_{r.port}_{i}"
+
+
+def _add_port(table: str, r: IngressRule) -> list[dict[str, Any]]:
+    """Everything one port needs: its chain (and, with affinity, a timed set and a chain per
+    backend, kube-proxy style), and its entry in the ports map."""
+    cmds: list[dict[str, Any]] = []
+    if r.affinity is None:
+        cmds += [{"add": _chain_ref(table, r)}, _port_rule(table, r)]
+    else:
+        port = r.backends[0][1]
+        for i, (addr, _) in enumerate(r.backends):
+            aff, chain = _sticky_names(r, i)
+            cmds.append({"add": {"set": {"family": FAMILY, "table": table, "name": aff,
+                                         "type": "ipv4_addr", "flags": ["timeout"],
+                                         "timeout": max(1, int(r.affinity))}}})
+            cmds.append({"add": {"chain": {"family": FAMILY, "table": table, "name": chain}}})
+            cmds.append(_rule(table, chain, _head(r) + [
+                {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "saddr"}},
+                         "set": f"@{aff}"}},
+                {"dnat": {"addr": addr, "port": port}}]))
+        cmds.append({"add": _chain_ref(table, r)})
+        for i, (addr, _) in enumerate(r.backends):
+            aff, _chain = _sticky_names(r, i)
+            # A client seen recently goes back where it went (and its entry stays fresh).
+            cmds.append(_rule(table, _port_chain(r), _head(r) + [
+                _match({"payload": {"protocol": "ip", "field": "saddr"}}, f"@{aff}"),
+                {"dnat": {"addr": addr, "port": port}}]))
+        cmds.append(_rule(table, _port_chain(r), [{"vmap": {
+            "key": _selector(r.lb, len(r.backends)),
+            "data": {"set": [[i, {"goto": {"target": _sticky_names(r, i)[1]}}]
+                             for i in range(len(r.backends))]}}}]))
+    cmds.append({"add": _element(table, r, verdict=True)})
+    return cmds
+
+
+def _remove_port(table: str, r: IngressRule) -> list[dict[str, Any]]:
+    """The reverse of `_add_port`, references first."""
+    cmds: list[dict[str, Any]] = [{"delete": _element(table, r, verdict=False)},
+                                  {"flush": _chain_ref(table, r)}, {"delete": _chain_ref(table, r)}]
+    if r.affinity is not None:
+        for i in range(len(r.backends)):
+            aff, chain = _sticky_names(r, i)
+            ref = {"chain": {"family": FAMILY, "table": table, "name": chain}}
+            cmds += [{"flush": ref}, {"delete": ref},
+                     {"delete": {"set": {"family": FAMILY, "table": table, "name": aff}}}]
+    return cmds
+
+
 def _element(table: str, r: IngressRule, verdict: bool) -> dict[str, Any]:
     key = {"concat": [r.protocol, r.port]}
     elem: Any = [key, {"jump": {"target": _port_chain(r)}}] if verdict else key
@@ -130,9 +189,7 @@ def render_ingress_table(node_addr: str, rules: Sequence[IngressRule],
                          "type": ["inet_proto", "inet_service"], "map": "verdict"}}},
     ]
     for r in live:
-        cmds.append({"add": _chain_ref(table, r)})
-        cmds.append(_port_rule(table, r))
-        cmds.append({"add": _element(table, r, verdict=True)})
+        cmds += _add_port(table, r)
     lookup = [_match({"payload": {"protocol": "ip", "field": "daddr"}}, addr),
               {"vmap": {"key": {"concat": [{"meta": {"key": "l4proto"}},
                                            {"payload": {"protocol": "th", "field": "dport"}}]},
@@ -161,14 +218,14 @@ def render_ingress_update(old: Sequence[IngressRule], new: Sequence[IngressRule]
     after = {(r.protocol, r.port): r for r in _validate(new)}
     cmds: list[dict[str, Any]] = []
     for key, r in sorted(before.items()):
-        if key not in after:
-            cmds.append({"delete": _element(table, r, verdict=False)})
-            cmds.append({"delete": _chain_ref(table, r)})
+        was_new = after.get(key)
+        if was_new is None or (was_new != r and (r.affinity or was_new.affinity)):
+            # Gone — or sticky, whose per-backend sets and chains are rebuilt whole.
+            cmds += _remove_port(table, r)
     for key, r in sorted(after.items()):
         was = before.get(key)
-        if was is None:
-            cmds += [{"add": _chain_ref(table, r)}, _port_rule(table, r),
-                     {"add": _element(table, r, verdict=True)}]
+        if was is None or (was != r and (r.affinity or was.affinity)):
+            cmds += _add_port(table, r)
         elif was != r:
             cmds += [{"flush": _chain_ref(table, r)}, _port_rule(table, r)]
     return {"nftables": cmds} if cmds else None
