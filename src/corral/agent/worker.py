@@ -147,8 +147,11 @@ class TaskRunner:
             if health is not None:
                 health.cancel()
             if not exited.done() and self.unhealthy and not self.stopping:
-                # Liveness: an unhealthy task is killed and the orchestrator replaces it.
-                await self.ctl.shutdown(grace)
+                # Liveness: an unhealthy task is killed and the orchestrator replaces it — but
+                # like any task going away, only once the balancers have dropped it (its
+                # unhealthy report did that) and its in-flight connections are done.
+                remaining = await self._drain(port, exited, grace)
+                await self.ctl.shutdown(remaining)
                 await exited
                 self.report(TaskState.FAILED, "unhealthy",
                             err=f"task: unhealthy container ({self.health_output})",
