@@ -359,12 +359,18 @@ def start_backends(procs: Processes, tmp: pathlib.Path) -> None:
         wait_listening(addr, port, proc, procs, "backends")
 
 
-def start_mesh(procs: Processes, path: Path) -> None:
+def start_mesh(procs: Processes, path: Path, workers: int = 1) -> None:
+    """One mesh process, or `workers` of them sharing the port (corral --mesh-workers)."""
     argv = [sys.executable, str(HERE / "mesh_proxy.py"), f"{path.addr}:{path.port}",
             *(f"{a}:{p}" for a, p in BACKENDS)]
-    proc = procs.start("mesh", argv, stdout=subprocess.PIPE)
-    wait_ready_line(proc, procs, "mesh")
-    path.pid = proc.pid
+    if workers > 1:
+        argv.append("--reuse-port")
+    for i in range(workers):
+        name = "mesh" if workers == 1 else f"mesh{path.port}-{i}"
+        proc = procs.start(name, argv, stdout=subprocess.PIPE)
+        wait_ready_line(proc, procs, name)
+        if i == 0:
+            path.pid = proc.pid
 
 
 def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
@@ -709,6 +715,7 @@ def run(seconds: float) -> int:
         Path("direct", "direct (1 backend)", *DIRECT),
         Path("ns-direct", "direct in netns (1 backend)", *NS_DIRECT, netns=ns.name),
         Path("corral", "corral mesh (uvloop)", "127.0.0.90", 19090),
+        Path("corral2", "corral mesh, 2 workers", "127.0.0.93", 19093),
         Path("kernel", "corral kernel (nftables)", *NS_NODE, netns=ns.name,
              extra_refs=("ns-direct",)),
         Path("haproxy", "HAProxy mode tcp", "127.0.0.91", 19091),
@@ -728,6 +735,7 @@ def run(seconds: float) -> int:
             f"starting backends and proxies in {tmp}")
         start_backends(procs, tmp)
         start_mesh(procs, by_key["corral"])
+        start_mesh(procs, by_key["corral2"], workers=2)
         for key, starter in (("haproxy", start_haproxy), ("nginx", start_nginx_stream)):
             path = by_key[key]
             if path.skipped:

@@ -40,14 +40,14 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(listen: tuple[str, int], backends: list[Backend]) -> int:
+async def serve(listen: tuple[str, int], backends: list[Backend], reuse_port: bool = False) -> int:
     """Run the mesh until a termination signal arrives."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    mesh = IngressMesh(listen[0])
+    mesh = IngressMesh(listen[0], reuse_port=reuse_port)
     try:
         errors = await mesh.apply({PublishedPort(listen[1]): backends})
         if errors:
@@ -66,10 +66,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("listen", type=host_port, help="ADDR:PORT to listen on")
     parser.add_argument("backends", type=host_port, nargs="+", help="backend ADDR:PORT")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share the port with other mesh processes (corral --mesh-workers)")
     args = parser.parse_args()
     raise_fd_limit()
     backends = [Backend(addr, port) for addr, port in args.backends]
-    return uvloop.run(serve(args.listen, backends))
+    return uvloop.run(serve(args.listen, backends, args.reuse_port))
 
 
 if __name__ == "__main__":
