@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -21,9 +22,21 @@ class DaemonUnreachable(CorralError):
     """No daemon answers at the address."""
 
 
+def lab_manager() -> str | None:
+    """node1 of the lab in $CORRAL_LAB_DIR (or ~/.corral/lab), if one is recorded there."""
+    from corral.lab.lab import default_lab_dir  # the lab imports this module: import late
+    state = default_lab_dir() / "lab.json"
+    try:
+        nodes = json.loads(state.read_text())["nodes"]
+        return f"{nodes[0]['addr']}:{API_PORT}"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def resolve_host(host: str | None) -> str:
-    """-H, then CORRAL_HOST, then the default; accepts HOST, HOST:PORT or http://HOST:PORT."""
-    h = host or os.environ.get("CORRAL_HOST") or DEFAULT_HOST
+    """-H, then CORRAL_HOST, then the local lab's manager, then the default; accepts HOST,
+    HOST:PORT or http://HOST:PORT."""
+    h = host or os.environ.get("CORRAL_HOST") or lab_manager() or DEFAULT_HOST
     h = h.removeprefix("http://").removeprefix("tcp://").rstrip("/")
     if ":" not in h:
         h = f"{h}:{API_PORT}"
