@@ -491,3 +491,37 @@ def test_idle_connections_are_closed_after_the_idle_timeout(run: Callable[[Scena
             await mesh.close()
             server.close()
     run(scenario)
+
+
+def test_quiet_connections_get_keepalive_towards_the_backend(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(100):
+                w.write(data)
+            w.close()
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        mesh = IngressMesh("127.0.0.1", idle_timeout=2.0)  # looks every second
+        listen = free_port()
+        try:
+            await mesh.apply({PublishedPort(listen): [Backend("127.0.0.1", port)]})
+            r, w = await asyncio.open_connection("127.0.0.1", listen)
+            w.write(b"x")
+            assert await r.read(1) == b"x"
+            (conn,) = list(mesh._conns)
+            assert conn.peer is not None and conn.peer.transport is not None
+            upstream = conn.peer.transport.get_extra_info("socket")
+            # Not on the per-connection path: a fresh connection has no keepalive yet.
+            assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            for _ in range(40):
+                if upstream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
+                    break
+                await asyncio.sleep(0.1)
+            assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            w.write(b"y")
+            assert await r.read(1) == b"y", "keepalive changes nothing for the traffic"
+            w.close()
+        finally:
+            await mesh.close()
+            server.close()
+    run(scenario)

@@ -32,9 +32,13 @@ from corral.dataplane.proxy import (
     PublishedPort,
     Route,
     bind_error_message,
+    set_keepalive,
 )
 
 __all__ = ["Backend", "IngressMesh", "LbPolicy", "PortStats", "PublishedPort"]
+
+# How often connections are looked at for keepalive and idleness (or half the idle timeout).
+SWEEP_PERIOD = 30.0
 
 # A port's balancing: (strategy, client-IP affinity timeout or None, PROXY protocol version
 # to send the backend: 0 for none).
@@ -132,8 +136,8 @@ class IngressMesh:
         async with self._lock:  # concurrent applies must not interleave
             if self._closed:
                 raise RuntimeError("IngressMesh is closed")
-            if self._sweeper is None and self._idle_timeout > 0:
-                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             for pp in [pp for pp in self._listeners if pp not in endpoints]:
                 self._listeners.pop(pp).close()
                 self._policies.pop(pp, None)
@@ -216,15 +220,21 @@ class IngressMesh:
         listener = self._listeners.get(pp)
         return set() if listener is None else listener.route.ejected()
 
-    async def _sweep_idle(self) -> None:
-        """Close connections with no traffic either way for the idle timeout (give or take
-        half of it): each sweep clears the sides' busy marks, and a pair found unmarked
-        twice in a row has been idle for at least a whole timeout."""
-        half = self._idle_timeout / 2
-        quiet: set[ClientSide] = set()
+    async def _sweep(self) -> None:
+        """Look at every connection now and then, never on the per-connection path.
+
+        A connection found quiet (no read on either side since the last look) gets TCP
+        keepalive towards its backend — only long-lived connections need it — and one quiet
+        for the idle timeout is closed. Each look clears the sides' busy marks: a pair still
+        unmarked at the next look has been quiet for at least the whole period between."""
+        period = SWEEP_PERIOD
+        if self._idle_timeout > 0:
+            period = min(period, self._idle_timeout / 2)
+        quiet_since: dict[ClientSide, float] = {}
         while True:
-            await asyncio.sleep(half)
-            idle = set()
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            still: dict[ClientSide, float] = {}
             for conn in list(self._conns):
                 peer = conn.peer
                 if conn.busy or (peer is not None and peer.busy):
@@ -232,12 +242,17 @@ class IngressMesh:
                     if peer is not None:
                         peer.busy = False
                     continue
-                if conn in quiet:
+                since = quiet_since.get(conn)
+                if since is None:
+                    since = now
+                    if peer is not None and peer.transport is not None:
+                        set_keepalive(peer.transport)
+                if self._idle_timeout > 0 and now - since + period >= self._idle_timeout:
                     conn.abort()
                     self.stats_idle_closed += 1
                 else:
-                    idle.add(conn)
-            quiet = idle
+                    still[conn] = since
+            quiet_since = still
 
     async def close(self) -> None:
         """Close every listener and every proxied connection."""

@@ -263,8 +263,10 @@ class Route:
         return ClientSide(self)
 
 
-def _set_keepalive(transport: asyncio.BaseTransport) -> None:
-    """TCP keepalive towards backends: a vanished task is noticed on idle connections."""
+def set_keepalive(transport: asyncio.BaseTransport) -> None:
+    """TCP keepalive towards a backend: a vanished task is noticed on an idle connection.
+    (The mesh sets it from its periodic sweep, not per connection: only long-lived
+    connections need it.)"""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
@@ -409,7 +411,6 @@ class UpstreamSide(_Side):
         # cast, not isinstance: uvloop's transports do not subclass asyncio's.
         transport = cast(asyncio.Transport, transport)
         _set_nodelay(transport)
-        _set_keepalive(transport)
         self.transport = transport
         client = self.client
         if client.lost or client.transport is None:
