@@ -19,6 +19,9 @@ _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 # A bound that keeps one reconcile pass short; a bigger service is a bigger cluster's job.
 MAX_REPLICAS = 10_000
 
+# How the routing mesh may spread a service's connections over its tasks.
+LbKind = Literal["rr", "random", "least-conn", "source-hash", "maglev"]
+
 # Every daemon serves its API on this port (Swarm's manager port), on its node's address.
 API_PORT = 2377
 
@@ -198,7 +201,7 @@ class ServiceSpec(Model):
     update_config: UpdateConfig = Field(default_factory=UpdateConfig)
     rollback_config: UpdateConfig = Field(default_factory=UpdateConfig)
     # How the routing mesh spreads connections over the tasks, and client-IP stickiness.
-    lb: Literal["rr", "random", "least-conn", "source-hash", "maglev"] = "rr"
+    lb: LbKind = "rr"
     lb_affinity: float | None = Field(default=None, gt=0)  # seconds
 
 

@@ -61,8 +61,9 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from hashlib import blake2b
-from typing import Literal, Protocol
+from typing import Protocol
 
+from corral.api.types import LbKind
 from corral.dataplane.proxy import Backend
 
 __all__ = [
@@ -78,7 +79,7 @@ __all__ = [
     "stable_hash",
 ]
 
-BalanceKind = Literal["rr", "random", "least-conn", "source-hash", "maglev"]
+BalanceKind = LbKind  # the service spec's choice, one strategy each
 KINDS: tuple[BalanceKind, ...] = ("rr", "random", "least-conn", "source-hash", "maglev")
 
 MAGLEV_TABLE_SIZE = 65537  # prime, as in the paper's smaller table

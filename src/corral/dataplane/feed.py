@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from corral.dataplane.balance import KINDS, BalanceKind
 from corral.dataplane.ingress import Backend, LbPolicy, PublishedPort
 from corral.dataplane.nft_ingress import IngressRule
 from corral.manager.dispatcher import Endpoint
@@ -39,8 +38,7 @@ def policies_of(endpoints: list[Endpoint]) -> dict[PublishedPort, LbPolicy]:
     """Each published port's balancing policy for the userspace mesh."""
     out: dict[PublishedPort, LbPolicy] = {}
     for ep in endpoints:
-        kind: BalanceKind = next((k for k in KINDS if k == ep.lb), "rr")
         # PROXY headers are a TCP stream thing (v2 has a UDP form, not used here).
         version = {"": 0, "v1": 1, "v2": 2}[ep.port.proxy_protocol] if ep.port.protocol == "tcp" else 0
-        out[PublishedPort(ep.port.published_port, ep.port.protocol)] = (kind, ep.lb_affinity, version)
+        out[PublishedPort(ep.port.published_port, ep.port.protocol)] = (ep.lb, ep.lb_affinity, version)
     return out

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from corral.api.errors import Forbidden
 from corral.api.types import (
+    LbKind,
     Model,
     Network,
     Node,
@@ -59,7 +60,7 @@ class Endpoint(Model):
     service_name: str
     port: PortConfig
     backends: list[tuple[str, int, str]] = Field(default_factory=list)  # (addr, port, task id)
-    lb: str = "rr"
+    lb: LbKind = "rr"
     lb_affinity: float | None = None
 
 
@@ -279,6 +280,12 @@ def service_endpoints(services: list[Service], tasks: list[Task],
         for s in sorted(services, key=lambda s: s.spec.name)]
 
 
+def backend(task: Task, port: PortConfig) -> tuple[str, int, str]:
+    """Where the mesh reaches a task for a published port: a process task on its own port, a
+    netns task — like a container — on the target port of its address (it reports port 0)."""
+    return (task.status.addr, task.status.port or port.target_port, task.id)
+
+
 def host_endpoints(tasks: list[Task], nodes: dict[str, Node]) -> list[Endpoint]:
     """Each host-mode port of a routable task on this node, backed by that task alone."""
     out = []
@@ -287,8 +294,7 @@ def host_endpoints(tasks: list[Task], nodes: dict[str, Node]) -> list[Endpoint]:
             for p in t.ports:
                 if p.publish_mode == "host":
                     out.append(Endpoint(service_name=t.service_name, port=p,
-                                        backends=[(t.status.addr, t.status.port or p.target_port,
-                                                   t.id)]))
+                                        backends=[backend(t, p)]))
     return out
 
 
@@ -304,11 +310,9 @@ def ingress_endpoints(services: list[Service], tasks: list[Task],
         running = sorted(by_service.get(svc.id, []), key=lambda t: t.id)
         for p in svc.spec.ports:
             if p.publish_mode == "ingress":
-                # A process task listens on its own port; a netns task, like a container, on
-                # the target port of its own address (it reports port 0).
                 # traffic=local: this node balances over its own tasks only.
                 mine = [t for t in running if p.traffic == "cluster" or t.node_id == node_id]
-                backends = [(t.status.addr, t.status.port or p.target_port, t.id) for t in mine]
+                backends = [backend(t, p) for t in mine]
                 out.append(Endpoint(service_name=svc.spec.name, port=p, backends=backends,
                                     lb=svc.spec.lb, lb_affinity=svc.spec.lb_affinity))
     return out
