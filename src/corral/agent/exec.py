@@ -67,6 +67,15 @@ class Controller(Protocol):
         """The process id while it runs, else 0."""
         ...
 
+    @property
+    def netns(self) -> str | None:
+        """The task's own network namespace (None: it shares its node's)."""
+        ...
+
+    def environment(self) -> dict[str, str]:
+        """The task's environment (health commands and `service exec` run with it too)."""
+        ...
+
 
 class Executor(Protocol):
     """Makes controllers for tasks and cleans up what a previous daemon left behind."""

@@ -189,12 +189,9 @@ class TaskRunner:
         cfg = self.task.spec.healthcheck
         if cfg is None:
             return None
-        netns = getattr(self.ctl, "netns", None)
-        env = getattr(self.ctl, "environment", None)
         try:
-            probe = make_probe(cfg, addr=addr, port=port,
-                               netns=netns if isinstance(netns, str) else None,
-                               env=env() if callable(env) else None)
+            probe = make_probe(cfg, addr=addr, port=port, netns=self.ctl.netns,
+                               env=self.ctl.environment())
         except (ValueError, CorralError) as exc:
             self.health, self.health_output = Health.UNHEALTHY.value, str(exc)
             self.unhealthy = True
@@ -247,8 +244,10 @@ class Agent:
     def __init__(self, session: ManagerSession, executor: Executor,
                  apply_endpoints: Callable[[list[Endpoint]], Awaitable[None]],
                  advertise_addr: str = "",
-                 apply_networks: Callable[[Assignments], Awaitable[None]] | None = None) -> None:
+                 apply_networks: Callable[[Assignments], Awaitable[None]] | None = None,
+                 forward_host_ports: bool = False) -> None:
         self.session = session
+        self.forward_host_ports = forward_host_ports
         self.apply_networks = apply_networks
         self.advertise_addr = advertise_addr
         self.executor = executor
@@ -354,11 +353,9 @@ class Agent:
         await self.apply_endpoints(a.endpoints + self.host_endpoints(a))
 
     def host_endpoints(self, a: Assignments) -> list[Endpoint]:
-        """Host-mode ports the node must forward itself: none for process tasks, which bind
-        the node's port directly; a node-local forward for tasks in their own namespace."""
-        return [e for e in a.host_endpoints
-                if any(b[1] != e.port.published_port or b[0] != self.advertise_addr
-                       for b in e.backends)]
+        """Host-mode ports the node must forward itself: a node-local forward to tasks in
+        their own namespace; none for process tasks, which bind the node's port directly."""
+        return a.host_endpoints if self.forward_host_ports else []
 
     def _start(self, task: Task) -> None:
         runner = TaskRunner(task, self.executor.controller(task), self.report, self.advertise_addr)

@@ -177,7 +177,7 @@ class Daemon:
             self.executor = ProcessExecutor(self.data_dir, env)
         session = ManagerSession(ident.manager_addr, ident.node_id, ident.secret)
         self.agent = Agent(session, self.executor, self._apply_endpoints, self.advertise,
-                           apply_networks)
+                           apply_networks, forward_host_ports=self.config.runtime == "netns")
         self._agent_task = asyncio.create_task(self.agent.run(), name="agent")
 
     async def _stop_agent(self) -> None:
@@ -223,8 +223,8 @@ class Daemon:
         if runner is None or runner.state is not TaskState.RUNNING:
             raise NotFound(f"task {task_id} is not running on this node")
         argv = list(cmd)
-        netns = getattr(runner.ctl, "netns", None)
-        if isinstance(netns, str):
+        netns = runner.ctl.netns
+        if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
         try:
             proc = await asyncio.create_subprocess_exec(

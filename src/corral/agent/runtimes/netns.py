@@ -33,7 +33,12 @@ class NetnsController(ProcessController):
     def __init__(self, executor: NetnsExecutor, task: Task) -> None:
         super().__init__(executor, task)
         self._netns_executor = executor
-        self.netns = executor.netns_name(task.id)
+        self._netns = executor.netns_name(task.id)
+
+    @property
+    def netns(self) -> str:
+        """The task's own network namespace."""
+        return self._netns
 
     def _host_if(self, index: int) -> str:
         return f"v{self._task.id[:11]}{index:x}"  # ≤ 15 characters, unique per node

@@ -154,6 +154,11 @@ class ProcessController:
         return self._proc.pid
 
     @property
+    def netns(self) -> str | None:
+        """Process tasks share their node's network namespace."""
+        return None
+
+    @property
     def returncode(self) -> int | None:
         """The exit code once the process has been reaped, else None."""
         return None if self._proc is None else self._proc.returncode
