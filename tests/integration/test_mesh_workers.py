@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from corral.lab.lab import pid_alive
 from corral.testing.labs import http_get, wait_for
 
 ADDR = "127.0.0.45"  # this module's daemon; published port 19900
@@ -44,7 +45,7 @@ def test_workers_share_the_port_and_follow_their_daemon(tmp_path: Path) -> None:
         # A daemon killed on its own takes its workers with it (their stdin closes).
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.wait(5)
-        wait_for(lambda: not any(_alive(p) for p in workers), timeout=10,
+        wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10,
                  what="the workers to exit with their daemon")
     finally:
         try:
@@ -67,11 +68,3 @@ def _up(api: httpx.Client) -> bool:
     except httpx.HTTPError:
         return False
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"

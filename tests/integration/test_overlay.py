@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from corral.testing.labs import LabSwarm, http_get, lab_swarm, udp_echo_app, wait_for
+from corral.testing.labs import LabSwarm, http_get, lab_swarm, udp_ask, udp_echo_app, wait_for
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None,
@@ -280,7 +281,9 @@ def test_kernel_mesh_keeps_established_connections_across_rule_changes(swarm: La
         first = json.loads(conn.getresponse().read())
         swarm.ok("service", "scale", "-d", "search=4")
         wait_for(lambda: len(swarm.running("search")) == 4, what="4 replicas")
-        time.sleep(0.5)  # the new ruleset is in place on every node
+        wait_for(lambda: "mod 4" in swarm.exec("node1", "nft", "list", "chain", "ip",
+                                               "corral_ingress", "p_tcp_19500").out,
+                 what="node1's rules to have the 4 backends")
         conn.request("GET", "/")
         second = json.loads(conn.getresponse().read())
         assert second["task_id"] == first["task_id"], "the connection stayed on its backend"
@@ -342,7 +345,6 @@ def test_host_mode_port_forwards_to_the_local_task_only(swarm: LabSwarm) -> None
 
 
 def test_udp_ingress_in_the_kernel(swarm: LabSwarm, tmp_path: Path) -> None:
-    import socket as so
     app = udp_echo_app(tmp_path)
     swarm.ok("service", "create", "--name", "udpk", "--replicas", "2", "-d",
              "-p", "19511:53/udp", str(app))
@@ -351,25 +353,20 @@ def test_udp_ingress_in_the_kernel(swarm: LabSwarm, tmp_path: Path) -> None:
         wait_for(lambda: "p_udp_19511" in swarm.exec("node1", "nft", "list", "table", "ip",
                                                          "corral_ingress").out,
                  what="the UDP rule")
-        time.sleep(0.5)
-        clients = [so.socket(so.AF_INET, so.SOCK_DGRAM) for _ in range(6)]
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(6)]
 
-        def ask(c: so.socket) -> bytes:
-            c.settimeout(2.0)
-            for _attempt in range(3):
-                c.sendto(b"ping", (swarm.addrs[0], 19511))
-                try:
-                    return c.recvfrom(2048)[0].split()[0]
-                except TimeoutError:
-                    continue
-            return b""
+        def ask(c: socket.socket) -> bytes:
+            got = udp_ask(swarm.addrs[0], 19511, sock=c)
+            return got[0].split()[0] if got else b""
         try:
             assert {ask(c) for c in clients} == {b"udpk.1", b"udpk.2"}
             # Removing a replica: its clients' flows are flushed from conntrack, so the same
             # client sockets (same 5-tuple) now reach the remaining replica.
             swarm.ok("service", "scale", "-d", "udpk=1")
             wait_for(lambda: len(swarm.tasks("udpk")) == 1, what="one replica left")
-            time.sleep(0.5)
+            wait_for(lambda: "numgen" not in swarm.exec("node1", "nft", "list", "chain", "ip",
+                                                        "corral_ingress", "p_udp_19511").out,
+                     what="node1's rule to have one backend")
             assert {ask(c) for c in clients} == {b"udpk.1"}
         finally:
             for c in clients:

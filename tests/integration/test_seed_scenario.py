@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from corral.testing.labs import LabSwarm, http_get, lab_swarm, udp_echo_app, wait_for
+from corral.testing.labs import (
+    LabSwarm,
+    LineReader,
+    http_get,
+    lab_swarm,
+    udp_ask,
+    udp_echo_app,
+    wait_for,
+)
 
 BASE = "127.0.0.21"  # this module's lab: 127.0.0.21-23, published ports 19000-19019
 
@@ -162,14 +170,16 @@ def test_service_logs_and_inspect(swarm: LabSwarm) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, CORRAL_HOST=swarm.manager))
     try:
-        time.sleep(1.5)
+        lines = LineReader(follow.stdout)
+        wait_for(lambda: lines.count("listening on") == 2, what="the logs so far")
         swarm.ok("service", "scale", "chatty=3")
-        time.sleep(2.5)
+        wait_for(lambda: lines.count("chatty.3.") == 1, what="the new task's line")
         follow.send_signal(signal.SIGINT)
-        out, err = follow.communicate(timeout=10)
+        _, err = follow.communicate(timeout=10)
     finally:
         follow.kill()
-    assert out.count("listening on") == 3 and "chatty.3." in out, (out, err)
+    out = "".join(lines.lines)
+    assert out.count("listening on") == 3, "nothing shown twice"
     assert "Traceback" not in err
     swarm.ok("service", "rm", "chatty")
 
@@ -200,8 +210,8 @@ def test_ctrl_c_during_progress_leaves_the_operation_running(swarm: LabSwarm) ->
                           "--constraint", "node.labels.never==here", "whoami"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_for(lambda: "waiting" in swarm.ok("service", "ls").out, what="the service to exist")
-        time.sleep(0.5)
+        assert p.stdout is not None
+        assert len(p.stdout.readline().strip()) == 25, "the ID, then the progress display"
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=10)
     finally:
@@ -296,27 +306,24 @@ def test_host_mode_publishes_only_where_tasks_run(swarm: LabSwarm) -> None:
 
 
 def test_udp_ingress(swarm: LabSwarm, tmp_path: Path) -> None:
-    import socket as so
     app = udp_echo_app(tmp_path)
     swarm.ok("service", "create", "--name", "udpsvc", "--replicas", "3", "-d",
              "-p", "19017:53/udp", str(app))
     try:
-        wait_for(lambda: len(swarm.running("udpsvc")) == 3, what="3 UDP replicas")
-        time.sleep(0.5)  # UDP tasks report running at once (nothing to probe): let them bind
+        tasks = wait_for(lambda: len(r := swarm.running("udpsvc")) == 3 and r, what="3 replicas")
+        # UDP tasks report running at once (there is nothing to probe): wait until each one
+        # answers on its own port before going through the mesh.
+        for t in tasks:
+            wait_for(lambda t=t: udp_ask(t["status"]["addr"], t["status"]["port"], tries=1,
+                                         timeout=0.2), what=f"{t['id']} to bind its port")
         answers = set()
-        for i in range(6):  # six clients (six source ports): flows spread round-robin
-            with so.socket(so.AF_INET, so.SOCK_DGRAM) as c:
-                c.settimeout(2.0)
-                for attempt in range(3):
-                    c.sendto(b"ping", (swarm.addrs[1], 19017))
-                    try:
-                        data, peer = c.recvfrom(2048)
-                        break
-                    except TimeoutError:
-                        continue
-                assert peer == (swarm.addrs[1], 19017), "replies come from the published address"
-                assert data.endswith(b" ping")
-                answers.add(data.split()[0])
+        for _ in range(6):  # six clients (six source ports): flows spread round-robin
+            got = udp_ask(swarm.addrs[1], 19017)
+            assert got is not None
+            data, peer = got
+            assert peer == (swarm.addrs[1], 19017), "replies come from the published address"
+            assert data.endswith(b" ping")
+            answers.add(data.split()[0])
         assert answers == {b"udpsvc.1", b"udpsvc.2", b"udpsvc.3"}
         assert "*:19017->53/udp" in swarm.ok("service", "ls").out
     finally:

@@ -59,6 +59,3 @@ def test_kernel_mesh_needs_the_netns_runtime() -> None:
     with pytest.raises(InvalidArgument, match="--mesh kernel needs --runtime netns"):
         make(mesh="kernel")
 
-
-def test_this_test_runs_in_some_namespace() -> None:
-    assert isinstance(config_mod.in_initial_netns(), bool)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections.abc import Callable
 
 import typer
 
@@ -44,14 +46,39 @@ class UpdateFailed(CorralError):
     """The update paused or rolled back instead of converging."""
 
 
+def run_operation(c: Client, request: Callable[[], Service], message: Callable[[Service], str],
+                  wait: bool) -> None:
+    """Send a change, print what docker prints, then (unless detached) show its progress.
+
+    Ctrl-C is held from just before the request until the progress loop can handle it: at
+    any moment it either stops the CLI before anything was sent or leaves the operation
+    running with docker's message — never a bare interrupt in between."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        svc = request()
+        typer.echo(message(svc))
+    except BaseException:
+        _release_interrupts()
+        raise
+    if not wait:
+        _release_interrupts()
+        return
+    wait_converged(c, svc.id)
+
+
+def _release_interrupts() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def wait_converged(c: Client, service_id: str) -> None:
     """Redraw docker's progress display until converged and stable, or Ctrl-C."""
     display = ProgressDisplay()
     stable_since: float | None = None
     lines: list[str] = []
-    first = Service.model_validate(c.get(f"/v1/services/{service_id}"))
-    was_updating = first.update_status is not None and first.update_status.state == "updating"
     try:
+        _release_interrupts()  # a Ctrl-C held by run_operation arrives here, inside the try
+        first = Service.model_validate(c.get(f"/v1/services/{service_id}"))
+        was_updating = first.update_status is not None and first.update_status.state == "updating"
         while True:
             svc = Service.model_validate(c.get(f"/v1/services/{service_id}"))
             tasks = tasks_of(c, service_id)

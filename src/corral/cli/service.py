@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
 import time
@@ -26,7 +27,7 @@ from corral.api.types import (
 from corral.cli.context import client, echo_json, print_table
 from corral.cli.parse import check_port_conflicts, parse_duration, parse_env, parse_label, parse_publish
 from corral.cli import specflags as sf
-from corral.cli.progress import nodes_of, tasks_of, wait_converged
+from corral.cli.progress import nodes_of, run_operation, tasks_of
 from corral.cli.render import service_ls_rows, service_ps_rows, to_json_lines
 from corral.client import Client
 
@@ -139,10 +140,8 @@ def create(
                        rollback_monitor, rollback_max_failure_ratio, rollback_order))
     spec = sf.apply_lb(spec, lb, lb_affinity)
     c = client(ctx)
-    svc = Service.model_validate(c.post("/v1/services", spec.model_dump(mode="json")))
-    typer.echo(svc.id)
-    if not detach and not quiet:
-        wait_converged(c, svc.id)
+    run_operation(c, lambda: Service.model_validate(c.post("/v1/services", spec.model_dump(mode="json"))),
+                  lambda svc: svc.id, wait=not detach and not quiet)
 
 
 @app.command("ls")
@@ -215,10 +214,16 @@ def scale(ctx: typer.Context,
             raise InvalidArgument(f"invalid replicas value for {name}: {value}") from None
         todo.append((name, n))
     for name, n in todo:
-        svc = Service.model_validate(c.post(f"/v1/services/{name}/scale", {"replicas": n}))
-        typer.echo(f"{name} scaled to {n}")
-        if not detach:
-            wait_converged(c, svc.id)
+        run_operation(c, functools.partial(_scale, c, name, n),
+                      functools.partial(_scaled, name, n), wait=not detach)
+
+
+def _scaled(name: str, replicas: int, _: Service) -> str:
+    return f"{name} scaled to {replicas}"
+
+
+def _scale(c: Client, name: str, replicas: int) -> Service:
+    return Service.model_validate(c.post(f"/v1/services/{name}/scale", {"replicas": replicas}))
 
 
 @app.command("rm")
@@ -373,11 +378,9 @@ def update(
         sf.UpdateFlags(rollback_parallelism, rollback_delay, rollback_failure_action,
                        rollback_monitor, rollback_max_failure_ratio, rollback_order))
     spec = sf.apply_lb(spec, lb, lb_affinity)
-    updated = Service.model_validate(c.post(f"/v1/services/{svc.id}/update",
-                                            {"spec": spec.model_dump(mode="json"), "force": force}))
-    typer.echo(service)
-    if not detach and not quiet:
-        wait_converged(c, updated.id)
+    body = {"spec": spec.model_dump(mode="json"), "force": force}
+    run_operation(c, lambda: Service.model_validate(c.post(f"/v1/services/{svc.id}/update", body)),
+                  lambda _: service, wait=not detach and not quiet)
 
 
 @app.command()
@@ -386,7 +389,5 @@ def rollback(ctx: typer.Context, service: Annotated[str, typer.Argument(metavar=
              quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Suppress progress output")] = False) -> None:
     """Revert a service to its spec before the last update."""
     c = client(ctx)
-    svc = Service.model_validate(c.post(f"/v1/services/{service}/rollback"))
-    typer.echo(service)
-    if not detach and not quiet:
-        wait_converged(c, svc.id)
+    run_operation(c, lambda: Service.model_validate(c.post(f"/v1/services/{service}/rollback")),
+                  lambda _: service, wait=not detach and not quiet)

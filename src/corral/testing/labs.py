@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -137,3 +139,40 @@ def udp_echo_app(directory: Path) -> Path:
     app.write_text(f"#!{sys.executable}\n{UDP_ECHO}")
     app.chmod(0o755)
     return app
+
+
+def udp_ask(addr: str, port: int, sock: socket.socket | None = None, tries: int = 3,
+            timeout: float = 2.0) -> tuple[bytes, tuple[str, int]] | None:
+    """Send "ping" over UDP (retrying: a datagram may be lost) and return the answer and who
+    sent it, or None. With `sock`, the same client socket (the same flow) is reused."""
+    own = sock is None
+    s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.settimeout(timeout)
+        for _ in range(tries):
+            s.sendto(b"ping", (addr, port))
+            try:
+                data, peer = s.recvfrom(2048)
+                return data, (peer[0], peer[1])
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+        return None
+    finally:
+        if own:
+            s.close()
+
+
+class LineReader:
+    """Collects a subprocess's stdout lines on a thread, so a test can wait for one."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def count(self, text: str) -> int:
+        return sum(1 for line in list(self.lines) if text in line)
