@@ -39,12 +39,6 @@ Detach = Annotated[bool, typer.Option("-d", "--detach",
                                       help="Exit immediately instead of waiting for convergence")]
 
 
-def _service(c: Client, ref: str) -> Service:
-    return Service.model_validate(c.get(f"/v1/services/{ref}"))
-
-
-_tasks = tasks_of
-_nodes = nodes_of
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -157,8 +151,8 @@ def ls(ctx: typer.Context, quiet: Quiet = False, format: Format = None) -> None:
     if format == "json":
         typer.echo(to_json_lines(services))
         return
-    tasks = _tasks(c)
-    nodes = _nodes(c)
+    tasks = tasks_of(c)
+    nodes = nodes_of(c)
     running: dict[str, int] = {}
     desired: dict[str, int] = {}
     for s in services:
@@ -180,14 +174,14 @@ def ps(ctx: typer.Context, services: Annotated[list[str], typer.Argument(help="S
     c = client(ctx)
     tasks: list[Task] = []
     for ref in services:
-        tasks += _tasks(c, ref)
+        tasks += tasks_of(c, ref)
     if quiet:
         for t in tasks:
             typer.echo(t.id)
     elif format == "json":
         typer.echo(to_json_lines(tasks))
     else:
-        print_table(*service_ps_rows(tasks, _nodes(c), time.time(), no_trunc=no_trunc))
+        print_table(*service_ps_rows(tasks, nodes_of(c), time.time(), no_trunc=no_trunc))
 
 
 @app.command()
@@ -247,12 +241,12 @@ def exec_(ctx: typer.Context,
         raise InvalidArgument("no command given: corral service exec SERVICE[.SLOT] -- COMMAND")
     c = client(ctx)
     service, _, slot = target.rpartition(".") if target.rpartition(".")[2].isdigit() else (target, "", "")
-    tasks = [t for t in _tasks(c, service) if t.desired_state is TaskState.RUNNING
+    tasks = [t for t in tasks_of(c, service) if t.desired_state is TaskState.RUNNING
              and t.status.state is TaskState.RUNNING and (not slot or t.slot == int(slot))]
     if not tasks:
         raise InvalidArgument(f"no running task for {target}")
     task = sorted(tasks, key=lambda t: t.slot)[0]
-    node = _nodes(c).get(task.node_id)
+    node = nodes_of(c).get(task.node_id)
     if node is None:
         raise InvalidArgument(f"the node of task {task.name} is gone")
     r = Client(f"{node.description.addr}").post(f"/v1/local/tasks/{task.id}/exec", {"cmd": cmd})
