@@ -221,10 +221,14 @@ class Route:
         if balancer is not None:
             balancer.set_backends(self.backends)
 
+    def lists(self, backend: Backend) -> bool:
+        """Whether ``backend`` (by addr, port) is in the current list."""
+        return (backend.addr, backend.port) in self._keyset
+
     def record_failure(self, backend: Backend) -> None:
         """A connect to ``backend`` failed: eject it for a growing time."""
         key = (backend.addr, backend.port)
-        if key not in self._keyset:
+        if not self.lists(backend):
             # Removed from the list while we were connecting: nothing to track.
             return
         h = self.health.get(key)

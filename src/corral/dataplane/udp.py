@@ -127,7 +127,7 @@ class UdpListener:
 
     __slots__ = (
         "_route", "_idle", "_max_flows", "_source", "_loop", "_sock", "_flows", "_closed",
-        "_sweeper", "_seen", "_keyset",
+        "_sweeper",
     )
 
     def __init__(self, route: Route, idle_timeout: float, max_flows: int,
@@ -150,8 +150,6 @@ class UdpListener:
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
         # (addr, port) keys of the route's backend tuple last seen (rebuilt when it changes).
-        self._seen: tuple[Backend, ...] = ()
-        self._keyset: frozenset[tuple[str, int]] = frozenset()
 
     @classmethod
     async def open(cls, listen_addr: str, port: int, route: Route, *,
@@ -233,7 +231,7 @@ class UdpListener:
         if flow is not None:
             backends = route.backends
             if flow.checked is not backends:
-                if not self._still_listed(flow.backend, backends):
+                if not route.lists(flow.backend):
                     self._drop(flow)
                     flow = None
                 else:
@@ -253,13 +251,6 @@ class UdpListener:
                 transport.sendto(data)
         elif flow.pending is not None and len(flow.pending) < _MAX_PENDING:
             flow.pending.append(data)
-
-    def _still_listed(self, backend: Backend, backends: tuple[Backend, ...]) -> bool:
-        """Whether ``backend`` (by addr, port) is in the route's current list."""
-        if self._seen is not backends:
-            self._seen = backends
-            self._keyset = frozenset((b.addr, b.port) for b in backends)
-        return (backend.addr, backend.port) in self._keyset
 
     def _new_flow(self, addr: Address) -> _Flow | None:
         """Pick a backend for a new client and start opening its socket."""
