@@ -90,7 +90,6 @@ class NodeOverlay:
     services: list[ServiceEndpoint] = field(default_factory=list)
     _task_ns: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     _applied_vips: dict[str, list[VipRule]] = field(default_factory=dict)
-    _dns_addrs: set[str] = field(default_factory=set)
 
     def node_ip(self, network_id: str) -> str:
         plan = self.networks.get(network_id)
@@ -130,13 +129,12 @@ class NodeOverlay:
 
     async def _apply_dns(self) -> None:
         addrs = {self.node_ip(n): n for n in self.networks if self.node_ip(n)}
-        for ip in self._dns_addrs - set(addrs):
+        listening = {ip for ip, _ in self.dns.addresses}
+        for ip in listening - set(addrs):
             await self.dns.remove_listener(ip)
-        self._dns_addrs &= set(addrs)
-        for ip in set(addrs) - self._dns_addrs:
+        for ip in set(addrs) - listening:
             try:
                 await self.dns.add_listener((ip, DNS_PORT))
-                self._dns_addrs.add(ip)
             except OSError as exc:  # retried on the next assignment
                 log.error("embedded DNS cannot listen on %s:%d: %s", ip, DNS_PORT, exc)
         for ip, net_id in addrs.items():
