@@ -16,8 +16,8 @@ own loopback address:
   loopback), next to a "direct in netns" path measured the same way for reference.
 
 Loads: keep-alive req/s (with p50/p99), a new connection per request, and 100 MB transfers.
-Prints one table with each figure also as a ratio to direct and to HAProxy, then the mesh
-process's resident memory idle and while holding 2,000 idle connections. Needs root only to
+Prints one table with each figure also as a ratio to direct and to HAProxy, then the mesh's
+resident memory idle and while holding 10,000 idle connections (and HAProxy's, for comparison). Needs root only to
 install wrk/haproxy/nginx when they are missing and for the namespace (without root the kernel rows
 are skipped). All traffic stays on 127.0.0.0/8 or inside the benchmark's own namespace; every
 process, the namespace and every temporary file are removed on exit, also on failure or Ctrl-C.
@@ -50,6 +50,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "src"))
 
+from corral.dataplane.limits import raise_nofile_limit
 from corral.dataplane.nft import NftError
 from corral.dataplane.nft import apply as nft_apply
 from corral.dataplane.nft_ingress import IngressRule, render_ingress_table
@@ -62,7 +63,9 @@ BULK_BYTES = 100 * 1024 * 1024
 WRK_THREADS = 2
 WRK_CONNECTIONS = 50
 BULK_RUNS = 3
-HELD_CONNECTIONS = 2000
+HELD_CONNECTIONS = 10_000
+# Descriptors a proxy process needs besides two per proxied connection (listeners, stdio, logs).
+FD_SPARE = 64
 
 STREAM_MODULE = pathlib.Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
@@ -264,12 +267,16 @@ http {{
 """
 
 
+def haproxy_maxconn() -> int:
+    """As high as the descriptor limit allows: HAProxy refuses to start if maxconn needs more
+    descriptors (two per proxied connection) than it may open."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return min(100_000, (hard - 200) // 2)
+
+
 def haproxy_conf(tmp: pathlib.Path, listen: tuple[str, int]) -> str:
     servers = "\n".join(f"    server b{i} {a}:{p}" for i, (a, p) in enumerate(BACKENDS, 1))
-    # As high as the descriptor limit allows: HAProxy refuses to start if maxconn needs more
-    # descriptors (two per proxied connection) than it may open.
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    maxconn = min(100_000, (hard - 200) // 2)
+    maxconn = haproxy_maxconn()
     return f"""
 global
     nbthread 1
@@ -327,6 +334,7 @@ class Path:
     port: int
     skipped: str = ""  # why this path was not measured ("" = it was)
     pid: int | None = None  # the proxy process (for memory figures)
+    pids: list[int] = dataclasses.field(default_factory=list)  # all of its processes
     netns: str | None = None  # run the load generator inside this network namespace
     extra_refs: tuple[str, ...] = ()  # more paths to show ratios to (besides direct, haproxy)
 
@@ -371,6 +379,7 @@ def start_mesh(procs: Processes, path: Path, workers: int = 1) -> None:
         wait_ready_line(proc, procs, name)
         if i == 0:
             path.pid = proc.pid
+        path.pids.append(proc.pid)
 
 
 def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
@@ -379,6 +388,7 @@ def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
     proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
     wait_listening(path.addr, path.port, proc, procs, "haproxy")
     path.pid = proc.pid
+    path.pids.append(proc.pid)
 
 
 def start_nginx_stream(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
@@ -559,15 +569,16 @@ def bulk(path: Path, seconds: float, res: Results) -> str:
 
 @dataclass
 class Memory:
-    idle_kb: int  # fresh process, listening, no traffic yet
+    held: int  # how many idle connections were held
+    idle_kb: int  # fresh process(es), listening, no traffic yet
     before_kb: int  # after a few warm-up requests
-    held_kb: int  # with HELD_CONNECTIONS idle connections open
+    held_kb: int  # with `held` idle connections open
     after_kb: int  # after closing them again
     final_kb: int | None = None  # after all the load runs
 
     @property
     def kb_per_conn(self) -> float:
-        return (self.held_kb - self.before_kb) / HELD_CONNECTIONS
+        return (self.held_kb - self.before_kb) / self.held
 
 
 def _request(sock: socket.socket) -> None:
@@ -581,32 +592,69 @@ def _request(sock: socket.socket) -> None:
         data += chunk
 
 
-def hold_connections(path: Path) -> Memory:
-    """RSS of the proxy idle and while HELD_CONNECTIONS idle keep-alive connections are open.
+def total_rss_kb(pids: Sequence[int]) -> int:
+    return sum(rss_kb(pid) for pid in pids)
+
+
+def fd_limit(pid: int) -> int:
+    """The soft RLIMIT_NOFILE of a running process, from /proc/PID/limits."""
+    for line in pathlib.Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return 1 << 62 if soft == "unlimited" else int(soft)
+    raise RuntimeError(f"no open files limit for pid {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def hold_connections(path: Path, count: int) -> Memory:
+    """RSS of the proxy idle and while `count` idle keep-alive connections are open.
 
     Each connection makes one request first, so both its client and upstream sockets exist
-    and have carried data, then sits idle.
+    and have carried data, then sits idle. RSS is summed over all the path's processes.
     """
-    assert path.pid is not None
-    idle = rss_kb(path.pid)
+    pids = path.pids
+    idle = total_rss_kb(pids)
     for _ in range(20):
         with socket.create_connection((path.addr, path.port), timeout=5) as s:
             _request(s)
     time.sleep(0.2)
-    before = rss_kb(path.pid)
+    before = total_rss_kb(pids)
     socks: list[socket.socket] = []
     try:
-        for _ in range(HELD_CONNECTIONS):
+        for _ in range(count):
             s = socket.create_connection((path.addr, path.port), timeout=5)
             socks.append(s)
             _request(s)
         time.sleep(0.5)
-        held = rss_kb(path.pid)
+        held = total_rss_kb(pids)
     finally:
         for s in socks:
             s.close()
     time.sleep(1.0)
-    return Memory(idle, before, held, rss_kb(path.pid))
+    return Memory(count, idle, before, held, total_rss_kb(pids))
+
+
+def memory_path(paths: dict[str, Path]) -> Path:
+    """The corral mesh that can hold HELD_CONNECTIONS: one process when its descriptor limit
+    allows two per connection, else the two mesh workers (about half the connections each)."""
+    single = paths["corral"]
+    assert single.pid is not None
+    if fd_limit(single.pid) >= 2 * HELD_CONNECTIONS + FD_SPARE:
+        return single
+    return paths["corral2"]
+
+
+def memory_line(label: str, memory: Memory) -> str:
+    line = (f"{label} RSS: idle {memory.idle_kb / 1024:.1f} MB, after warm-up "
+            f"{memory.before_kb / 1024:.1f} MB, holding {memory.held:,} idle connections "
+            f"{memory.held_kb / 1024:.1f} MB → {memory.kb_per_conn:.1f} KB per connection "
+            f"(client + upstream socket); after closing them {memory.after_kb / 1024:.1f} MB")
+    if memory.final_kb is not None:
+        line += f"; after all loads {memory.final_kb / 1024:.1f} MB"
+    return line
 
 
 # -------------------------------------------------------------------------- output
@@ -686,6 +734,17 @@ def kernel_note(netns: str) -> str:
             f"root namespace's run (other backend processes, same load generator settings).")
 
 
+def print_memory(paths: dict[str, Path], mem_path: Path, memory: Memory,
+                 haproxy_memory: Memory | None) -> None:
+    print(memory_line(mem_path.label, memory))
+    if mem_path.key != "corral":
+        print(f"note: one process may open {fd_limit(paths['corral'].pid or 0):,} files "
+              f"(the hard limit here; raising it needs CAP_SYS_RESOURCE), two per proxied "
+              f"connection: the memory run used the {len(mem_path.pids)} mesh workers, RSS summed")
+    if haproxy_memory is not None:
+        print(memory_line("HAProxy", haproxy_memory))
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -696,19 +755,18 @@ LOADS: list[tuple[str, Callable[[Path, float, Results], str]]] = [
 ]
 
 
-def raise_fd_limit() -> None:
-    """Holding 2,000 connections needs more descriptors than the usual soft limit of 1024."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def run(seconds: float) -> int:
+def run(seconds: float, memory_only: bool = False) -> int:
     notes = ensure_tools()
     for tool in ("wrk", "curl", "nginx"):
         if shutil.which(tool) is None:
             print(f"dataplane bench: cannot run without {tool}. " + "; ".join(notes))
             return 1
-    raise_fd_limit()
+    # Holding 10,000 connections needs more descriptors than the usual soft limit of 1,024.
+    soft, _ = raise_nofile_limit()
+    if soft < HELD_CONNECTIONS + FD_SPARE:
+        print(f"dataplane bench: needs {HELD_CONNECTIONS + FD_SPARE:,} open files to hold "
+              f"{HELD_CONNECTIONS:,} connections, the limit here is {soft:,}")
+        return 1
 
     ns = BenchNetns()
     paths = [
@@ -754,9 +812,20 @@ def run(seconds: float) -> int:
                 by_key[key].skipped = lines[-1].strip()[-200:] if lines else repr(exc)
 
         # Memory first, on the fresh mesh process, before the load runs grow its heap.
-        log(f"mesh memory: holding {HELD_CONNECTIONS:,} idle connections…")
-        memory = hold_connections(by_key["corral"])
+        mem_path = memory_path(by_key)
+        log(f"mesh memory: holding {HELD_CONNECTIONS:,} idle connections through "
+            f"{mem_path.label}…")
+        memory = hold_connections(mem_path, HELD_CONNECTIONS)
+        haproxy_memory = None
+        if not by_key["haproxy"].skipped:
+            # HAProxy gets as many as its maxconn allows (its descriptor limit is ours).
+            count = min(HELD_CONNECTIONS, haproxy_maxconn() - FD_SPARE)
+            log(f"HAProxy memory: holding {count:,} idle connections…")
+            haproxy_memory = hold_connections(by_key["haproxy"], count)
 
+        if memory_only:
+            print_memory(by_key, mem_path, memory, haproxy_memory)
+            return 0
         live = [p for p in paths if not p.skipped]
         results = {p.key: Results() for p in live}
         # One load kind across all paths back to back, so the paths see similar background load.
@@ -765,7 +834,7 @@ def run(seconds: float) -> int:
                 summary = load(path, seconds, results[path.key])
                 log(f"  {load_name:<28} {path.label:<22} {summary}")
                 time.sleep(0.5)
-        memory.final_kb = rss_kb(by_key["corral"].pid or 0)
+        memory.final_kb = total_rss_kb(mem_path.pids)
 
         print()
         print(f"wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {seconds:g}s per run; "
@@ -776,11 +845,7 @@ def run(seconds: float) -> int:
         print(render_table(paths, results))
         if not by_key["kernel"].skipped:
             print(kernel_note(ns.name))
-        print(f"corral mesh RSS: idle {memory.idle_kb / 1024:.1f} MB, after warm-up "
-              f"{memory.before_kb / 1024:.1f} MB, holding {HELD_CONNECTIONS:,} idle connections "
-              f"{memory.held_kb / 1024:.1f} MB → {memory.kb_per_conn:.1f} KB per connection "
-              f"(client + upstream socket); after closing them {memory.after_kb / 1024:.1f} MB; "
-              f"after all loads {(memory.final_kb or 0) / 1024:.1f} MB")
+        print_memory(by_key, mem_path, memory, haproxy_memory)
         for path in paths:
             if path.skipped:
                 print(f"note: {path.label} skipped: {path.skipped}")
@@ -804,11 +869,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="duration of each wrk measurement (default 5)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory run (no load runs)")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the finally block cleans up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        return run(args.seconds)
+        return run(args.seconds, args.memory_only)
     except KeyboardInterrupt:  # run() has already cleaned up in its finally block
         log("interrupted")
         return 130

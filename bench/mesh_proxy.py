@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import uvloop
 
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
+from corral.dataplane.limits import raise_nofile_limit
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -32,12 +32,6 @@ def host_port(text: str) -> tuple[str, int]:
     if not sep or not addr:
         raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}")
     return addr, int(port)
-
-
-def raise_fd_limit() -> None:
-    """Each proxied connection costs two descriptors: allow as many as the hard limit."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(listen: tuple[str, int], backends: list[Backend], reuse_port: bool = False) -> int:
@@ -69,7 +63,7 @@ def main() -> int:
     parser.add_argument("--reuse-port", action="store_true",
                         help="share the port with other mesh processes (corral --mesh-workers)")
     args = parser.parse_args()
-    raise_fd_limit()
+    raise_nofile_limit()  # as the daemon does: two descriptors per proxied connection
     backends = [Backend(addr, port) for addr, port in args.backends]
     return uvloop.run(serve(args.listen, backends, args.reuse_port))
 

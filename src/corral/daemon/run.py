@@ -10,6 +10,7 @@ import uvloop
 from corral.daemon.api import make_app
 from corral.daemon.config import DaemonConfig
 from corral.daemon.daemon import Daemon
+from corral.dataplane.limits import raise_nofile_limit
 
 
 async def serve(daemon: Daemon) -> int:
@@ -31,4 +32,5 @@ def run_daemon(config: DaemonConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    raise_nofile_limit()  # two descriptors per proxied connection (dockerd: LimitNOFILE=infinity)
     return uvloop.run(serve(Daemon(config)))

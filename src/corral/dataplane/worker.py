@@ -16,6 +16,7 @@ from typing import Any
 import uvloop
 
 from corral.dataplane.ingress import Backend, IngressMesh, LbPolicy, PublishedPort
+from corral.dataplane.limits import raise_nofile_limit
 
 
 def encode(endpoints: dict[PublishedPort, list[Backend]], policies: dict[PublishedPort, LbPolicy]) -> bytes:
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=float, default=3600.0)
     p.add_argument("--bind-source", action="store_true")
     args: Any = p.parse_args(argv)
+    raise_nofile_limit()  # also when started by hand, not by a daemon that raised it
     uvloop.run(serve(args))
     return 0
 
