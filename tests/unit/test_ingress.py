@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from corral.dataplane import proxy
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
+from corral.testing.streams import Source, read_digest
 
 Scenario = Callable[[], Awaitable[None]]
 
@@ -269,24 +271,14 @@ def test_large_transfer_both_directions(run: Callable[[Scenario], None]) -> None
     run(scenario)
 
 
-def test_backpressure_keeps_mesh_buffers_small(run: Callable[[Scenario], None]) -> None:
+def test_backpressure_keeps_mesh_buffers_small(run: Callable[[Scenario], None],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The transport path (bulk would move to splice: test_splice.py has that one).
+    monkeypatch.setattr(proxy, "SPLICE", False)
+
     async def scenario() -> None:
         size = 48 * 1024 * 1024
-        chunk = os.urandom(1 << 20)
-        sent = 0
-
-        async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal sent
-            try:
-                for _ in range(size // len(chunk)):
-                    writer.write(chunk)
-                    await writer.drain()
-                    sent += len(chunk)
-            except ConnectionError:
-                pass
-            finally:
-                writer.close()
-
+        source = Source(size)
         server = await asyncio.start_server(source, "127.0.0.1", 0)
         mesh = IngressMesh("127.0.0.1")
         w: asyncio.StreamWriter | None = None
@@ -303,14 +295,8 @@ def test_backpressure_keeps_mesh_buffers_small(run: Callable[[Scenario], None]) 
             # (plus at most one read), and the upstream is paused.
             assert conn.transport.get_write_buffer_size() < 1 << 20
             assert not conn.peer.transport.is_reading()
-            assert sent < size
-            got = hashlib.sha256()
-            n = 0
-            while data := await r.read(1 << 20):
-                got.update(data)
-                n += len(data)
-            assert n == size
-            assert got.digest() == hashlib.sha256(chunk * (size // len(chunk))).digest()
+            assert source.sent < size
+            assert await read_digest(r) == (size, source.digest())
         finally:
             if w is not None:
                 w.close()

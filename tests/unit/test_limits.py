@@ -32,7 +32,7 @@ def run_child(soft: int, hard: int, uid: int = 0,
     out = subprocess.run([sys.executable, "-c", CHILD, str(soft), str(hard), str(uid), nr_open],
                          capture_output=True, text=True, check=True, timeout=30).stdout
     returned, actual = json.loads(out)
-    return tuple(returned), tuple(actual)  # type: ignore[return-value]
+    return (returned[0], returned[1]), (actual[0], actual[1])
 
 
 CAP_SYS_RESOURCE = 24

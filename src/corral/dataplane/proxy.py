@@ -15,6 +15,11 @@ reading on the other (back-pressure without our own buffers), and
 ``eof_received`` forwards a half-close with ``write_eof``. The pair is closed
 when both directions have seen EOF, or when either transport is lost.
 
+Bulk: once a read of at least ``splice.BULK_READ`` bytes shows one side sending faster than we
+forward, and nothing is buffered in either transport, the pair leaves the transports and is
+forwarded with ``splice(2)`` in the kernel from then on (:mod:`corral.dataplane.splice`; Linux
+only; ``CORRAL_MESH_SPLICE=0`` turns it off).
+
 Works unchanged on the stock asyncio loop and on uvloop.
 """
 
@@ -29,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
+from corral.dataplane import splice
 from corral.dataplane.proxyproto import encode_v1, encode_v2
 
 if TYPE_CHECKING:
@@ -294,6 +300,21 @@ def _set_nodelay(transport: asyncio.BaseTransport) -> None:
         pass
 
 
+# Splice the bulk phase of connections (Linux), unless turned off for comparison.
+SPLICE = splice.available() and os.environ.get("CORRAL_MESH_SPLICE", "1") != "0"
+BULK_READ = splice.BULK_READ
+
+
+def _dup_socket(transport: asyncio.Transport) -> socket.socket | None:
+    """A non-blocking duplicate of the transport's socket (it outlives the transport)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    dup.setblocking(False)
+    return dup
+
+
 def _write_eof(transport: asyncio.Transport) -> None:
     """Half-close ``transport`` if it is still usable."""
     if transport.is_closing():
@@ -307,7 +328,7 @@ def _write_eof(transport: asyncio.Transport) -> None:
 class _Side(asyncio.Protocol):
     """One endpoint of a proxied TCP connection; forwards everything to its peer."""
 
-    __slots__ = ("transport", "peer", "out", "eof", "lost", "blocked", "busy")
+    __slots__ = ("transport", "peer", "out", "eof", "lost", "blocked", "busy", "spliced")
 
     def __init__(self) -> None:
         """Start unconnected."""
@@ -321,6 +342,7 @@ class _Side(asyncio.Protocol):
         self.eof = False  # this side sent us EOF: no more data from it
         self.lost = False  # this side's transport is gone
         self.blocked = False  # our send buffer is above the high-water mark
+        self.spliced = False  # the pair moved to splice: our transport is gone, not the socket
 
     def data_received(self, data: bytes) -> None:
         """Forward bytes as-is; the peer's transport buffers and signals pressure."""
@@ -334,7 +356,44 @@ class _Side(asyncio.Protocol):
         except RuntimeError:
             # uvloop raises when the peer's handle is already closed but its
             # connection_lost() has not run yet; it will close us next.
+            return
+        if len(data) >= BULK_READ and SPLICE:
+            self._to_splice()
+
+    def _ends(self) -> tuple[ClientSide, UpstreamSide] | None:
+        """(client side, upstream side) of a wired pair."""
+        raise NotImplementedError
+
+    def _to_splice(self) -> None:
+        """Bulk traffic: hand both sockets to a SplicedPair when nothing is buffered here."""
+        ends = self._ends()
+        if ends is None:
+            return
+        client, upstream = ends
+        ct, ut = client.transport, upstream.transport
+        if (ct is None or ut is None or client.task is not None
+                or client.eof or upstream.eof or client.lost or upstream.lost
+                or client.blocked or upstream.blocked
+                or ct.get_write_buffer_size() or ut.get_write_buffer_size()):
+            return  # not now: maybe at the next large read
+        a = _dup_socket(ct)
+        b = _dup_socket(ut)
+        if a is None or b is None:  # pragma: no cover - transports without sockets
+            for sock in (a, b):
+                if sock is not None:
+                    sock.close()
+            return
+        client.spliced = upstream.spliced = True
+        # The sweep must not touch the dead transport (keepalive is set here, once).
+        upstream.transport = None
+        ct.abort()  # closes only the transports' descriptors: the duplicates keep the sockets
+        ut.abort()
+        try:
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:  # pragma: no cover - already reset: the pair sees it next
             pass
+        client.pair = splice.SplicedPair(asyncio.get_running_loop(), a, b,
+                                         client.mark_busy, client.finish)
 
     def _hold(self, data: bytes) -> None:
         """Handle data that arrives before the pair is wired (dropped by default)."""
@@ -383,6 +442,8 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Tear down the peer: gracefully on a clean close, abortively on error."""
+        if self.spliced:  # our transport was retired for splice: the pair lives on
+            return
         self.lost = True
         peer, out = self.peer, self.out
         if peer is not None and out is not None and not peer.lost:
@@ -409,6 +470,9 @@ class UpstreamSide(_Side):
         """Remember which client this upstream connection serves."""
         super().__init__()
         self.client = client
+
+    def _ends(self) -> tuple[ClientSide, UpstreamSide] | None:
+        return self.client, self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Wire both sides together as soon as the upstream socket exists."""
@@ -441,7 +505,7 @@ class UpstreamSide(_Side):
 class ClientSide(_Side):
     """The accepted (client) end of a proxied connection."""
 
-    __slots__ = ("route", "task", "early", "backend")
+    __slots__ = ("route", "task", "early", "backend", "pair")
 
     def __init__(self, route: Route) -> None:
         """Bind to the route of the published port that accepted us."""
@@ -452,6 +516,16 @@ class ClientSide(_Side):
         self.backend: Backend | None = None
         # Bytes read before the upstream exists (at most one read, see _hold).
         self.early: bytes | None = None
+        # Set when the pair moved to splice (bulk): it owns both sockets from then on.
+        self.pair: splice.SplicedPair | None = None
+
+    def _ends(self) -> tuple[ClientSide, UpstreamSide] | None:
+        peer = self.peer
+        return (self, peer) if isinstance(peer, UpstreamSide) else None
+
+    def mark_busy(self) -> None:
+        """Activity on a spliced pair (for the idle sweep)."""
+        self.busy = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Hold the client's bytes in the kernel and start connecting upstream."""
@@ -533,9 +607,14 @@ class ClientSide(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Update stats, drop from the registry and stop a pending connect."""
-        if self.lost:
+        if self.lost or self.spliced:
             return
         super().connection_lost(exc)
+        self.finish()
+
+    def finish(self) -> None:
+        """The connection is over (both transports, or the spliced pair, closed)."""
+        self.lost = True
         self.early = None
         route = self.route
         route.stats.active -= 1
@@ -549,6 +628,9 @@ class ClientSide(_Side):
 
     def abort(self) -> None:
         """Drop both ends immediately (used at mesh shutdown)."""
+        if self.pair is not None:
+            self.pair.close()
+            return
         task = self.task
         if task is not None:
             task.cancel()
