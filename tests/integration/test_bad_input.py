@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from corral.testing.labs import CLIResult, LabSwarm, http_get, lab_swarm, wait_for
+from corral.security.pki import make_csr, new_key
+from corral.testing.labs import CLIResult, LabSwarm, http_get, lab_swarm, local_api, wait_for
 
 BASE_ADDR = "127.0.0.31"
 MANAGER = "127.0.0.31:2377"
@@ -60,8 +61,14 @@ def assert_cli_error(r: CLIResult, *words: str) -> str:
     return str(lines[0])
 
 
+# "ADDR:2377" → the daemon's local socket: the tests' calls go in as the node's admin, the way
+# the CLI on that node would (the control port is mutual TLS: test_security.py covers it).
+SOCKETS: dict[str, str] = {}
+CLIENT_TLS: dict[str, str] = {}  # CORRAL_CERT_PATH: the lab's admin client certificate
+
+
 def api(host: str, method: str, path: str, **kw: Any) -> httpx.Response:
-    with httpx.Client(base_url=f"http://{host}", timeout=10.0) as c:
+    with local_api(SOCKETS[host]) as c:
         return c.request(method, path, **kw)
 
 
@@ -102,7 +109,7 @@ def worker_token(host: str = MANAGER) -> str:
 
 
 def run_cli(host: str, *args: str, timeout: float = 30.0) -> CLIResult:
-    env = dict(os.environ, CORRAL_HOST=host, COLUMNS="200")
+    env = dict(os.environ, CORRAL_HOST=SOCKETS.get(host, host), COLUMNS="200", **CLIENT_TLS)
     p = subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True,
                        timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     return CLIResult(p.returncode, p.stdout, p.stderr)
@@ -120,6 +127,7 @@ def standalone_daemon(addr: str, data_dir: Path, hostname: str,
          "--hostname", hostname, "--runtime", "process"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     host = f"{addr}:2377"
+    SOCKETS[host] = f"unix://{data_dir / 'corral.sock'}"
     try:
         def up() -> bool:
             assert proc.poll() is None, f"daemon {hostname} exited early ({proc.returncode})"
@@ -161,6 +169,9 @@ def single_node_swarm(addr: str, data_dir: Path, hostname: str,
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabSwarm]:
     with lab_swarm(tmp_path_factory.mktemp("bad_input"), 3, BASE_ADDR, heartbeat=0.5) as s:
+        for n in s.lab.nodes:
+            SOCKETS[n.host] = n.socket
+        CLIENT_TLS["CORRAL_CERT_PATH"] = str(s.lab.tls_dir)
         yield s
 
 
@@ -388,10 +399,12 @@ def test_api_wrong_shape_or_types(swarm: LabSwarm, svc_a: str, body: Any,
     ("GET", "/v1/services/svc-a/logs", {"params": {"tail": "abc"}}, 400, "tail"),
     ("GET", "/v1/tasks", {"params": {"service": "nosuch"}}, 404, "not found"),
     ("POST", "/v1/swarm/init", {"json": {}}, 400, "already part of a swarm"),
+    ("POST", "/v1/swarm/nodes", {"json": {"token": "x", "hostname": "h", "addr": "1.2.3.4",
+                                          "csr": "x"}}, 400, "join token"),
     ("POST", "/v1/swarm/nodes", {"json": {"token": "x", "hostname": "h", "addr": "1.2.3.4"}},
-     400, "join token"),
-    ("POST", "/v1/dispatcher/heartbeat", {"headers": {"authorization": "Bearer x:y"}}, 403,
-     "credential"),
+     400, "csr"),
+    # The local socket is the admin, not a node: the dispatcher wants a node certificate.
+    ("POST", "/v1/dispatcher/heartbeat", {}, 403, "node certificate"),
 ])
 def test_api_other_endpoints(swarm: LabSwarm, svc_a: str, method: str, path: str,
                              kw: dict[str, Any], status: int, word: str) -> None:
@@ -407,11 +420,11 @@ def test_api_other_endpoints(swarm: LabSwarm, svc_a: str, method: str, path: str
 
 def test_daemon_not_in_swarm(swarm: LabSwarm, standalone: str) -> None:
     for args in (["service", "ls"], ["service", "create", "--name", "x", "-d", "whoami"]):
-        err = assert_cli_error(swarm.cli(*args, host=standalone), NOT_IN_SWARM)
+        err = assert_cli_error(swarm.cli(*args, host=SOCKETS[standalone]), NOT_IN_SWARM)
         assert err.startswith("Error response from daemon:")
     r = api(standalone, "GET", "/v1/nodes")
     assert (r.status_code, r.json()["message"]) == (503, NOT_IN_SWARM)
-    assert_cli_error(swarm.cli("swarm", "leave", host=standalone), "not part of a swarm")
+    assert_cli_error(swarm.cli("swarm", "leave", host=SOCKETS[standalone]), "not part of a swarm")
     assert api_ok(standalone, "GET", "/v1/info")["swarm"]["state"] == "inactive"
 
 
@@ -422,7 +435,7 @@ def _token_parts(token: str) -> tuple[str, str]:
 
 
 def _join(swarm: LabSwarm, host: str, token: str, manager: str = MANAGER) -> CLIResult:
-    return swarm.cli("swarm", "join", "--token", token, manager, host=host)
+    return swarm.cli("swarm", "join", "--token", token, manager, host=SOCKETS.get(host, host))
 
 
 def _assert_not_joined(host: str, before: dict[str, Any]) -> None:
@@ -449,14 +462,17 @@ def test_join_with_token_of_another_swarm_is_refused(swarm: LabSwarm, standalone
     digest, secret = _token_parts(worker_token())
     # A made-up digest with this swarm's secret: refused as well.
     r = api(MANAGER, "POST", "/v1/swarm/nodes", json={
-        "token": f"SWMTKN-1-{'a' * len(digest)}-{secret}", "hostname": "h", "addr": "127.0.0.38"})
+        "token": f"SWMTKN-1-{'a' * len(digest)}-{secret}", "hostname": "h", "addr": "127.0.0.38",
+        "csr": make_csr(new_key()).decode()})
     assert (r.status_code, r.json()["message"]) == (
         400, "invalid join token: it belongs to another swarm")
     # The real token of a real other swarm.
     with single_node_swarm(OTHER_SWARM_ADDR, tmp_path / "other", "bi-other") as other:
         foreign = worker_token(other)
         assert _token_parts(foreign)[0] != digest
-        assert_cli_error(_join(swarm, standalone, foreign), "invalid join token", "another swarm")
+        # The joining node itself refuses: this manager's CA is not the one the token pins.
+        assert_cli_error(_join(swarm, standalone, foreign), "does not match the join token",
+                         "another swarm")
     _assert_not_joined(standalone, before)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from corral.lab.lab import pid_alive
-from corral.testing.labs import http_get, wait_for
+from corral.testing.labs import http_get, local_api, wait_for
 
 ADDR = "127.0.0.45"  # this module's daemon; published port 19900
 
@@ -28,7 +28,7 @@ def test_workers_share_the_port_and_follow_their_daemon(tmp_path: Path) -> None:
         [sys.executable, "-m", "corral", "daemon", "--addr", ADDR, "--data-dir", str(tmp_path),
          "--hostname", "mw", "--runtime", "process", "--mesh-workers", "3"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    api = httpx.Client(base_url=f"http://{ADDR}:2377", timeout=10)
+    api = local_api(f"unix://{tmp_path / 'corral.sock'}")
     try:
         wait_for(lambda: _up(api), what="the daemon")
         api.post("/v1/swarm/init", json={"heartbeat_period": 0.5}).raise_for_status()

@@ -152,7 +152,8 @@ def test_kill_and_start_a_node(swarm: LabSwarm) -> None:
 
 
 def test_lab_env_exec_and_exit_codes(swarm: LabSwarm) -> None:
-    assert swarm.ok("lab", "env", "node2").out.strip() == "export CORRAL_HOST=10.99.7.12:2377"
+    assert swarm.ok("lab", "env", "node2").out.splitlines() == [
+        "export CORRAL_HOST=10.99.7.12:2377", f"export CORRAL_CERT_PATH={swarm.lab.tls_dir}"]
     r = swarm.cli("lab", "exec", "node2", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (r.code, r.out, r.err) == (7, "out\n", "err\n")
     r = swarm.cli("lab", "exec", "node3", "ip", "-br", "-4", "addr", "show", "dev", "eth0")
@@ -189,7 +190,7 @@ def test_down_removes_everything_even_after_a_kill(spare_lab: Path) -> None:
     assert r.returncode == 0, r.stderr
     lab = Lab(spare_lab).load()
     assert lab.netns and lab_traces(lab)
-    env = dict(os.environ, CORRAL_HOST=f"{lab.nodes[0].addr}:2377")
+    env = dict(os.environ, CORRAL_HOST=f"{lab.nodes[0].addr}:2377", CORRAL_CERT_PATH=str(lab.tls_dir))
     subprocess.run([sys.executable, "-m", "corral", "service", "create", "--name", "web",
                     "--replicas", "2", "-p", "19401:80", "whoami"], check=True, env=env,
                    capture_output=True, timeout=60)

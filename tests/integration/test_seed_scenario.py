@@ -168,7 +168,7 @@ def test_service_logs_and_inspect(swarm: LabSwarm) -> None:
     import sys
     follow = subprocess.Popen([sys.executable, "-m", "corral", "service", "logs", "-f", "chatty"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, CORRAL_HOST=swarm.manager))
+                              env=swarm.env())
     try:
         lines = LineReader(follow.stdout)
         wait_for(lambda: lines.count("listening on") == 2, what="the logs so far")
@@ -204,7 +204,7 @@ def test_ctrl_c_during_progress_leaves_the_operation_running(swarm: LabSwarm) ->
     import sys
     import time
 
-    env = dict(os.environ, CORRAL_HOST=swarm.manager)
+    env = swarm.env()
     # A task that can never be placed: the progress display would wait forever.
     p = subprocess.Popen([sys.executable, "-m", "corral", "service", "create", "--name", "waiting",
                           "--constraint", "node.labels.never==here", "whoami"],
@@ -231,7 +231,8 @@ def test_ctrl_c_during_progress_leaves_the_operation_running(swarm: LabSwarm) ->
 
 
 def test_lab_env_and_ps(swarm: LabSwarm) -> None:
-    assert swarm.ok("lab", "env", "node2").out.strip() == f"export CORRAL_HOST={swarm.addrs[1]}:2377"
+    assert swarm.ok("lab", "env", "node2").out.splitlines() == [
+        f"export CORRAL_HOST={swarm.addrs[1]}:2377", f"export CORRAL_CERT_PATH={swarm.lab.tls_dir}"]
     rows = swarm.ok("lab", "ps").out.splitlines()[1:]
     assert [r.split()[0] for r in rows] == ["node1", "node2", "node3"]
     assert all(r.split()[3] == "running" for r in rows)

@@ -27,18 +27,16 @@ from corral.manager.dispatcher import (
     Dispatcher,
     StatusUpdate,
     ingress_endpoints,
-    new_node_secret,
     routable,
-    secret_digest,
 )
 from corral.store.base import MemoryStore, WriteTx
 
 S = TaskState
 
 
-def mk_node(n: int, state: NodeState = NodeState.READY, secret: str = "") -> Node:
+def mk_node(n: int, state: NodeState = NodeState.READY) -> Node:
     return Node(id=f"n{n}", description=NodeDescription(hostname=f"h{n}", addr=f"10.0.0.{n}"),
-                status=NodeStatus(state=state), secret_digest=secret_digest(secret) if secret else "")
+                status=NodeStatus(state=state))
 
 
 def mk_service(name: str, *ports: PortConfig) -> Service:
@@ -145,8 +143,8 @@ def store() -> MemoryStore:
 
     def seed(tx: WriteTx) -> None:
         tx.create(Cluster(heartbeat_period=30.0))
-        tx.create(mk_node(1, secret="s1"))
-        tx.create(mk_node(2, secret="s2"))
+        tx.create(mk_node(1))
+        tx.create(mk_node(2))
         tx.create(WEB)
         tx.create(mk_task("t1", WEB, node="n1", state=S.ASSIGNED, port=0))
         tx.create(mk_task("t2", WEB, node="n2", state=S.ASSIGNED, port=0))
@@ -160,18 +158,13 @@ def node(store: MemoryStore, nid: str) -> Node:
 
 
 def test_authenticate(store: MemoryStore) -> None:
+    """The certificate was verified by TLS; a removed node's is refused all the same."""
     d = Dispatcher(store)
-    assert d.authenticate("n1", "s1") == node(store, "n1")
-    for nid, secret in [("n1", "s2"), ("n1", ""), ("n2", "s1"), ("n9", "s1"), ("n1", "S1")]:
+    assert d.authenticate("n1") == node(store, "n1")
+    store.update(lambda tx: tx.delete(Node, "n1"))
+    for nid in ("n1", "n9", ""):
         with pytest.raises(Forbidden):
-            d.authenticate(nid, secret)
-
-
-def test_node_secret_digest() -> None:
-    a, b = new_node_secret(), new_node_secret()
-    assert a != b and len(a) >= 32
-    assert secret_digest(a) == secret_digest(a) != secret_digest(b)
-    assert len(secret_digest(a)) == 64
+            d.authenticate(nid)
 
 
 @pytest.mark.parametrize(

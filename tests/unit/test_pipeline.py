@@ -22,11 +22,15 @@ from corral.api.types import (
     TaskState,
 )
 from corral.manager.allocator import Allocator
-from corral.manager.controlapi import TOKEN_PREFIX, ControlAPI, JoinRequest, JoinResponse
+from corral.manager.controlapi import ControlAPI, JoinRequest, JoinResponse
+from corral.security.pki import TOKEN_PREFIX
 from corral.manager.dispatcher import Dispatcher
 from corral.manager.orchestrator import Orchestrator
 from corral.manager.scheduling import Scheduler
 from corral.store.base import MemoryStore
+from corral.security.pki import make_csr, new_key
+
+CSR = make_csr(new_key()).decode()
 
 
 def spec(name: str, replicas: int = 1, *, ports: list[PortConfig] | None = None,
@@ -43,12 +47,12 @@ def tcp(published: int, target: int = 80) -> PortConfig:
 
 def init(api: ControlAPI) -> JoinResponse:
     return api.init_cluster(hostname="mgr", addr="10.0.0.1", heartbeat_period=5.0,
-                            engine_version="test")
+                            engine_version="test", csr=CSR)
 
 
 def join(api: ControlAPI, n: int, token: str | None = None) -> JoinResponse:
     token = token if token is not None else api.join_token(NodeRole.WORKER, rotate=False)
-    return api.join(JoinRequest(token=token, hostname=f"worker{n}", addr=f"10.0.0.{n + 1}"))
+    return api.join(JoinRequest(token=token, hostname=f"worker{n}", addr=f"10.0.0.{n + 1}", csr=CSR))
 
 
 async def wait_until(cond: Callable[[], bool], deadline: float = 5.0) -> None:
@@ -70,7 +74,7 @@ async def running() -> AsyncIterator[tuple[MemoryStore, ControlAPI]]:
         joined = join(api, n)
         node = store.view().must_get(Node, joined.node_id)
         assert node.status.state is NodeState.UNKNOWN
-        assert dispatcher.authenticate(joined.node_id, joined.secret) == node
+        assert dispatcher.authenticate(joined.node_id) == node
         dispatcher.heartbeat(node)
     assert [n.status.state for n in store.view().all(Node)] == [NodeState.READY] * 3
     tasks = [asyncio.create_task(c.run(), name=c.name)
@@ -257,7 +261,7 @@ def test_join_same_address_twice(api: ControlAPI) -> None:
 def test_init_cluster_refuses_bad_period() -> None:
     api = ControlAPI(MemoryStore())
     with pytest.raises(InvalidArgument):
-        api.init_cluster(hostname="m", addr="a", heartbeat_period=0, engine_version="")
+        api.init_cluster(hostname="m", addr="a", heartbeat_period=0, engine_version="", csr=CSR)
     with pytest.raises(NotFound):
         api.cluster()
 

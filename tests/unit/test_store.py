@@ -42,7 +42,6 @@ def mk_node(n: int) -> Node:
         spec=NodeSpec(role=NodeRole.WORKER if n else NodeRole.MANAGER,
                       availability=NodeAvailability.PAUSE, labels={"zone": f"z{n}"}),
         status=NodeStatus(state=NodeState.READY, message="ok"),
-        secret_digest="ab" * 32,
     )
 
 

@@ -42,6 +42,9 @@ S = TaskState
 RUNNABLE = (S.RUNNING, S.READY)
 V1 = ContainerSpec(image="app:1")
 V2 = ContainerSpec(image="app:2")
+from corral.security.pki import make_csr, new_key
+
+CSR = make_csr(new_key()).decode()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -722,7 +725,7 @@ def test_promote_respects_restart_delay_even_with_replaces() -> None:
 @pytest.fixture
 def api() -> ControlAPI:
     a = ControlAPI(MemoryStore())
-    a.init_cluster(hostname="m1", addr="127.0.0.1", heartbeat_period=1.0, engine_version="test")
+    a.init_cluster(hostname="m1", addr="127.0.0.1", heartbeat_period=1.0, engine_version="test", csr=CSR)
     return a
 
 

@@ -1,54 +1,71 @@
-"""The agent's connection to the manager's dispatcher (HTTP today; mutual TLS later)."""
+"""The agent's connection to the manager's dispatcher: HTTPS with the node's own certificate
+(mutual TLS), to a server that must hold a manager's certificate of the same swarm."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
+from corral.manager.controlapi import CertResponse
 from corral.manager.dispatcher import Assignments, StatusUpdate
+from corral.security.nodetls import NodeTLS
+from corral.security.pki import role_name
+
+MANAGER_NAME = role_name("manager")
+"""The name the manager's certificate must carry: a worker's certificate will not do."""
 
 
 class SessionRefused(Exception):
-    """The manager does not accept this node's credential (removed, or wrong swarm)."""
+    """The manager does not accept this node's certificate (removed, or wrong swarm)."""
 
 
 class ManagerSession:
-    """Heartbeats, status reports and assignment polls, authenticated as one node."""
+    """Heartbeats, status reports, assignment polls and certificate renewal, as one node."""
 
-    def __init__(self, manager_addr: str, node_id: str, secret: str) -> None:
+    def __init__(self, manager_addr: str, tls: NodeTLS) -> None:
         self.manager_addr = manager_addr
-        self.node_id = node_id
-        self._client = httpx.AsyncClient(
-            base_url=f"http://{manager_addr}",
-            headers={"Authorization": f"Bearer {node_id}:{secret}"},
-            timeout=httpx.Timeout(5.0),
-        )
+        self.tls = tls
+        self._generation = tls.generation
+        self._client = self._make_client()
 
-    async def _post(self, path: str, json: object, timeout: float | None = None) -> httpx.Response:
-        r = await self._client.post(path, json=json, timeout=timeout or 5.0)
-        self._check(r)
-        return r
+    def _make_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=f"https://{self.manager_addr}",
+                                 verify=self.tls.client_context(), timeout=httpx.Timeout(5.0))
 
-    @staticmethod
-    def _check(r: httpx.Response) -> None:
+    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        if self._generation != self.tls.generation:  # the trusted roots changed: new context
+            await self._client.aclose()
+            self._client = self._make_client()
+            self._generation = self.tls.generation
+        r = await self._client.request(method, path, extensions={"sni_hostname": MANAGER_NAME}, **kw)
         if r.status_code in (401, 403):
-            raise SessionRefused(r.json().get("message", r.text))
+            try:
+                raise SessionRefused(r.json().get("message", r.text))
+            except ValueError:
+                raise SessionRefused(r.text) from None
         r.raise_for_status()
+        return r
 
     async def heartbeat(self) -> float:
         """Tell the manager this node is alive; returns the heartbeat period to use."""
-        r = await self._post("/v1/dispatcher/heartbeat", {})
+        r = await self._request("POST", "/v1/dispatcher/heartbeat", json={})
         return float(r.json()["period"])
 
     async def send_status(self, updates: list[StatusUpdate]) -> None:
-        await self._post("/v1/dispatcher/status", [u.model_dump(mode="json") for u in updates])
+        await self._request("POST", "/v1/dispatcher/status",
+                            json=[u.model_dump(mode="json") for u in updates])
 
     async def assignments(self, since: int, timeout: float) -> Assignments:
         """Long-poll: returns when the cluster state changed after `since`, or at `timeout`."""
-        r = await self._client.get("/v1/dispatcher/assignments",
-                                   params={"since": since, "timeout": timeout},
-                                   timeout=timeout + 5.0)
-        self._check(r)
+        r = await self._request("GET", "/v1/dispatcher/assignments",
+                                params={"since": since, "timeout": timeout}, timeout=timeout + 5.0)
         return Assignments.model_validate_json(r.content)
+
+    async def renew(self, csr: bytes) -> CertResponse:
+        """A new certificate for a new key (the node's current role, the current root)."""
+        r = await self._request("POST", "/v1/ca/renew", json={"csr": csr.decode()})
+        return CertResponse.model_validate_json(r.content)
 
     async def close(self) -> None:
         await self._client.aclose()

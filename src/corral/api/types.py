@@ -101,8 +101,6 @@ class Node(Model):
     spec: NodeSpec = Field(default_factory=NodeSpec)
     description: NodeDescription
     status: NodeStatus = Field(default_factory=NodeStatus)
-    # sha256 of the node's session secret; the secret itself never leaves the node.
-    secret_digest: str = ""
     # The node's own address on each overlay network (its bridge; also the mesh's source).
     attachments: list[NetworkAttachment] = Field(default_factory=list)
 
@@ -370,8 +368,9 @@ class Cluster(Model):
     version: int = 0
     created_at: float = Field(default_factory=now)
     cluster_id: str = Field(default_factory=new_id)
-    # Root secret the join tokens are derived from; a later issue replaces it with the CA.
+    # Digest of the root CA certificate, which join tokens pin (the CA's key stays on disk).
     root_digest: str = ""
+    cert_expiry: float = 90 * 24 * 3600.0  # node certificates' lifetime, seconds
     worker_secret: str = ""
     manager_secret: str = ""
     heartbeat_period: float = 1.0

@@ -7,20 +7,21 @@ from typing import Any
 import typer
 
 from corral.cli.render import format_table
-from corral.client import Client
+from corral.client import Client, TlsFiles
 
 
 class State:
-    """Per-invocation CLI state (the -H/--host choice), with a lazily made client."""
+    """Per-invocation CLI state (-H/--host, --tls*), with a lazily made client."""
 
-    def __init__(self, host: str | None) -> None:
+    def __init__(self, host: str | None, tls: TlsFiles | None = None) -> None:
         self.host = host
+        self.tls = tls
         self._client: Client | None = None
 
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.host)
+            self._client = Client(self.host, tls=self.tls)
         return self._client
 
 

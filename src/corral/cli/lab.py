@@ -41,7 +41,8 @@ def up(nodes: Annotated[int, typer.Option(help="Number of nodes")] = 3,
     first = lab.nodes[0]
     where = f" in network namespaces on bridge {lab.bridge}" if lab.netns else ""
     typer.echo(f"Lab swarm up: {len(lab.nodes)} nodes ({', '.join(n.addr for n in lab.nodes)}){where}.")
-    typer.echo(f"Talk to it with:  export CORRAL_HOST={first.host}   (or: eval \"$(corral lab env {first.name})\")")
+    typer.echo(f"Talk to it with:  eval \"$(corral lab env {first.name})\"   (CORRAL_HOST={first.host}, "
+               f"mutual TLS with the lab's client certificate in {lab.tls_dir})")
 
 
 @app.command()
@@ -64,7 +65,7 @@ def down(dir: LabDir = None) -> None:
 @app.command()
 def env(node: Annotated[str, typer.Argument(help="NODE")] = "node1", dir: LabDir = None) -> None:
     """Print the export line that points the CLI at a lab node."""
-    typer.echo(f"export CORRAL_HOST={Lab(dir).load().node(node).host}")
+    typer.echo(Lab(dir).load().env(node))
 
 
 @app.command()

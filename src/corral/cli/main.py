@@ -19,6 +19,7 @@ from corral.cli import service as service_cli
 from corral.cli import swarm as swarm_cli
 from corral.cli.context import State
 from corral.cli.parse import parse_duration
+from corral.client import TlsFiles, default_tls
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
                   pretty_exceptions_enable=False, help="corral: a Swarm-style orchestrator with a routing mesh.")
@@ -32,9 +33,20 @@ app.add_typer(lab_cli.app, name="lab")
 @app.callback()
 def root(ctx: typer.Context,
          host: Annotated[Optional[str], typer.Option(
-             "-H", "--host", help="Daemon to talk to (HOST[:PORT]); default $CORRAL_HOST")] = None,
+             "-H", "--host", help="Daemon to talk to: unix:///PATH (its socket) or HOST[:PORT] "
+                                 "(mutual TLS); default $CORRAL_HOST")] = None,
+         tlscacert: Annotated[Optional[Path], typer.Option(
+             help="Trust certs signed only by this CA (default $CORRAL_CERT_PATH/ca.pem)")] = None,
+         tlscert: Annotated[Optional[Path], typer.Option(
+             help="TLS client certificate (default $CORRAL_CERT_PATH/cert.pem)")] = None,
+         tlskey: Annotated[Optional[Path], typer.Option(
+             help="TLS client key (default $CORRAL_CERT_PATH/key.pem)")] = None,
          ) -> None:
-    ctx.obj = State(host)
+    tls = None
+    if tlscacert or tlscert or tlskey:
+        defaults = default_tls()
+        tls = TlsFiles(tlscacert or defaults.ca, tlscert or defaults.cert, tlskey or defaults.key)
+    ctx.obj = State(host, tls)
 
 
 @app.command()
@@ -56,6 +68,9 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
                help="Close proxied connections idle this long (0 = never)")] = "1h",
            mesh_workers: Annotated[int, typer.Option(
                help="Userspace mesh processes per node sharing each port (e.g. one per core)")] = 1,
+           socket_path: Annotated[Optional[Path], typer.Option(
+               "--socket", help="The local CLI's unix socket (owner-only; default "
+                                "DATA_DIR/corral.sock)")] = None,
            ) -> None:
     """Run a node's daemon in the foreground."""
     from corral.daemon.config import DaemonConfig
@@ -66,7 +81,8 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
         hostname=hostname or socket.gethostname(), api_port=port, advertise_addr=advertise_addr,
         runtime=chosen, task_netns_prefix=task_netns_prefix,
         mesh=DaemonConfig.parse_mesh(mesh, chosen),
-        mesh_idle_timeout=parse_duration(mesh_idle_timeout), mesh_workers=mesh_workers)
+        mesh_idle_timeout=parse_duration(mesh_idle_timeout), mesh_workers=mesh_workers,
+        socket_path=socket_path)
     raise typer.Exit(run_daemon(config))
 
 

@@ -246,10 +246,7 @@ def exec_(ctx: typer.Context,
     if not tasks:
         raise InvalidArgument(f"no running task for {target}")
     task = sorted(tasks, key=lambda t: t.slot)[0]
-    node = nodes_of(c).get(task.node_id)
-    if node is None:
-        raise InvalidArgument(f"the node of task {task.name} is gone")
-    r = Client(f"{node.description.addr}").post(f"/v1/local/tasks/{task.id}/exec", {"cmd": cmd})
+    r = c.post(f"/v1/tasks/{task.id}/exec", {"cmd": cmd})
     sys.stdout.write(r["stdout"])
     sys.stderr.write(r["stderr"])
     raise typer.Exit(r["exit_code"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from corral.cli.context import client
 from corral.cli.parse import parse_duration
+from corral.client import TlsFiles
+from corral.security import pki
+from corral.security.files import write_private
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Manage the swarm.")
 
@@ -22,11 +26,15 @@ def init(ctx: typer.Context,
          advertise_addr: Annotated[Optional[str], typer.Option(
              help="Address other nodes use to reach this manager (HOST[:PORT])")] = None,
          dispatcher_heartbeat: Annotated[str, typer.Option(
-             help="Agent heartbeat period (a node is down after 3 missed)")] = "1s") -> None:
-    """Initialize a swarm: this node becomes its manager."""
+             help="Agent heartbeat period (a node is down after 3 missed)")] = "1s",
+         cert_expiry: Annotated[str, typer.Option(
+             help="Validity period for node certificates (they renew by themselves)")] = "2160h",
+         ) -> None:
+    """Initialize a swarm: this node becomes its manager and its certificate authority."""
     period = parse_duration(dispatcher_heartbeat)
     r = client(ctx).post("/v1/swarm/init", {"advertise_addr": advertise_addr,
-                                            "heartbeat_period": period})
+                                            "heartbeat_period": period,
+                                            "cert_expiry": parse_duration(cert_expiry)})
     typer.echo(f"Swarm initialized: current node ({r['node_id']}) is now a manager.\n")
     typer.echo(_join_hint(r["worker_token"], r["manager_addr"], "worker"))
     typer.echo("To add a manager to this swarm, run 'corral swarm join-token manager' and "
@@ -65,3 +73,28 @@ def leave(ctx: typer.Context,
     """Leave the swarm."""
     client(ctx).post("/v1/swarm/leave", {"force": force})
     typer.echo("Node left the swarm.")
+
+
+@app.command()
+def ca(ctx: typer.Context,
+       client_cert: Annotated[Optional[Path], typer.Option(
+           help="Write an admin client certificate (ca.pem, cert.pem, key.pem) into this "
+                "directory, for the CLI over TLS ($CORRAL_CERT_PATH)")] = None) -> None:
+    """Display the swarm's root CA certificate, or issue an admin client certificate."""
+    c = client(ctx)
+    if client_cert is None:
+        typer.echo(c.get("/v1/ca")["ca"], nl=False)
+        return
+    key = pki.new_key()
+    r = c.post("/v1/ca/client", {"csr": pki.make_csr(key).decode()})
+    write_client_tls(client_cert, r["ca"].encode(), r["cert"].encode(), pki.key_to_pem(key))
+    typer.echo(f"Client certificate written to {client_cert}: use it with "
+               f"CORRAL_CERT_PATH={client_cert} CORRAL_HOST=<manager>:2377")
+
+
+def write_client_tls(directory: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+    """docker's layout: ca.pem, cert.pem and key.pem (the key readable by its owner only)."""
+    files = TlsFiles.in_dir(directory)
+    write_private(files.key, key_pem)
+    files.cert.write_bytes(cert_pem)
+    files.ca.write_bytes(ca_pem)

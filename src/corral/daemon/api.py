@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, StrictInt
 
 from corral import __version__
-from corral.api.errors import CorralError, Forbidden, NotFound
+from corral.api.errors import CorralError, Forbidden, InvalidArgument, NotFound
 from corral.api.types import (
+    Cluster,
     Model,
     Network,
     NetworkSpec,
@@ -25,14 +26,30 @@ from corral.api.types import (
     Task,
 )
 from corral.daemon.daemon import Daemon, Info
-from corral.manager.controlapi import JoinRequest, JoinResponse, NodeUpdate
+from corral.daemon.listeners import PEER
+from corral.manager.controlapi import (
+    MIN_CERT_EXPIRY,
+    CertRequest,
+    CertResponse,
+    JoinRequest,
+    JoinResponse,
+    NodeUpdate,
+)
 from corral.manager.dispatcher import Assignments, StatusUpdate
 from corral.manager.manager import Manager
+from corral.security.authz import Peer
+from corral.security.pki import NODE_NAME
 
 
 class InitRequest(Model):
     advertise_addr: str | None = None
     heartbeat_period: float = Field(default=1.0, gt=0, le=600)
+    cert_expiry: float = Field(default=Cluster.model_fields["cert_expiry"].default,
+                               ge=MIN_CERT_EXPIRY)
+
+
+class CaResponse(Model):
+    ca: str  # PEM bundle of the roots this swarm trusts
 
 
 class InitResponse(Model):
@@ -114,13 +131,17 @@ def _manager(request: Request) -> Manager:
 Mgr = Annotated[Manager, Depends(_manager)]
 
 
-def _agent_node(mgr: Mgr, authorization: Annotated[str, Header()] = "") -> Node:
-    """The node an agent request authenticates as (bearer NODE_ID:SECRET)."""
-    scheme, _, cred = authorization.partition(" ")
-    node_id, _, secret = cred.partition(":")
-    if scheme != "Bearer" or not node_id:
-        raise Forbidden("missing node credential")
-    return mgr.dispatcher.authenticate(node_id, secret)
+def _peer(request: Request) -> Peer:
+    peer: Peer = request.scope[PEER]  # set by the door the request came in through
+    return peer
+
+
+def _agent_node(request: Request, mgr: Mgr) -> Node:
+    """The node an agent request comes from: the one its TLS certificate names."""
+    cert = _peer(request).cert
+    if cert is None or cert.role == "client":
+        raise Forbidden("dispatcher calls need a node certificate")
+    return mgr.dispatcher.authenticate(cert.node_id)
 
 
 AgentNode = Annotated[Node, Depends(_agent_node)]
@@ -148,7 +169,8 @@ def make_app(daemon: Daemon) -> FastAPI:
 
     @app.post("/v1/swarm/init")
     async def swarm_init(req: InitRequest) -> InitResponse:
-        node_id, token = await daemon.init_swarm(req.advertise_addr, req.heartbeat_period)
+        node_id, token = await daemon.init_swarm(req.advertise_addr, req.heartbeat_period,
+                                                 req.cert_expiry)
         assert daemon.identity is not None
         return InitResponse(node_id=node_id, worker_token=token,
                             manager_addr=daemon.identity.manager_addr)
@@ -175,6 +197,20 @@ def make_app(daemon: Daemon) -> FastAPI:
         return ExecResult(exit_code=code, stdout=out, stderr=err)
 
     # -- the swarm (manager only) ---------------------------------------------------------------
+    @app.get("/v1/ca")
+    async def root_ca(mgr: Mgr) -> CaResponse:
+        """The roots to trust (public: a joining node checks them against its token)."""
+        return CaResponse(ca=mgr.control.ca.bundle_pem.decode())
+
+    @app.post("/v1/ca/renew")
+    async def renew_cert(req: CertRequest, node: AgentNode, mgr: Mgr) -> CertResponse:
+        return mgr.control.renew(node.id, req.csr.encode())
+
+    @app.post("/v1/ca/client")
+    async def client_cert(req: CertRequest, mgr: Mgr) -> CertResponse:
+        """An admin client certificate, for the CLI over TLS (`swarm ca --client-cert`)."""
+        return mgr.control.client_cert(req.csr.encode())
+
     @app.post("/v1/swarm/nodes")
     async def admit_node(req: JoinRequest, mgr: Mgr) -> JoinResponse:
         return mgr.control.join(req)
@@ -260,17 +296,36 @@ def make_app(daemon: Daemon) -> FastAPI:
             if node is None:
                 return []
             try:
-                r = await client.get(f"http://{node.description.addr}:{daemon.api_port}"
-                                     f"/v1/local/tasks/{t.id}/logs", params={"tail": tail} if tail else {})
+                r = await client.get(f"https://{node.description.addr}:{daemon.api_port}"
+                                     f"/v1/local/tasks/{t.id}/logs", params={"tail": tail} if tail else {},
+                                     extensions={"sni_hostname": NODE_NAME})
             except httpx.HTTPError:
                 return []  # a node that is down cannot show its logs; docker skips it too
             if r.status_code != 200:
                 return []
             return [LogLine(task_id=t.id, task_name=t.name, node=node.hostname, stream=s, line=ln)
                     for s, ln in r.json()]
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with daemon.node_client() as client:
             parts = await asyncio.gather(*(fetch(client, t) for t in tasks))
         return [line for part in parts for line in part]
+
+    @app.post("/v1/tasks/{task_id}/exec")
+    async def task_exec(task_id: str, req: ExecRequest, mgr: Mgr) -> ExecResult:
+        """Run a command in a task, on whichever node runs it (forwarded over mutual TLS)."""
+        task = mgr.store.view().get(Task, task_id)
+        node = mgr.store.view().get(Node, task.node_id) if task is not None else None
+        if task is None or node is None:
+            raise NotFound(f"task {task_id} is not running on any node")
+        try:
+            async with daemon.node_client(timeout=req.timeout + 5.0) as client:
+                r = await client.post(f"https://{node.description.addr}:{daemon.api_port}"
+                                      f"/v1/local/tasks/{task.id}/exec", json=req.model_dump(),
+                                      extensions={"sni_hostname": NODE_NAME})
+        except httpx.HTTPError as exc:
+            raise InvalidArgument(f"cannot reach node {node.hostname}: {exc}") from None
+        if r.status_code != 200:
+            raise InvalidArgument(r.json().get("message", r.text))
+        return ExecResult.model_validate_json(r.content)
 
     # -- dispatcher (agents) ----------------------------------------------------------------
     @app.post("/v1/dispatcher/heartbeat")

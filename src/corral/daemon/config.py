@@ -44,6 +44,7 @@ class DaemonConfig:
     mesh: Mesh = "userspace"
     mesh_idle_timeout: float = 3600.0  # 0 = never close idle proxied connections
     mesh_workers: int = 1  # userspace mesh processes sharing each port (SO_REUSEPORT)
+    socket_path: Path | None = None  # the local admin's unix socket; default DATA_DIR/corral.sock
 
     def __post_init__(self) -> None:
         if self.advertise_addr is None and self.addr in ("0.0.0.0", "::", ""):
@@ -57,6 +58,10 @@ class DaemonConfig:
             raise InvalidArgument("--mesh-workers must be between 1 and 64")
         if not 1 <= len(self.task_netns_prefix) <= 20:
             raise InvalidArgument("--task-netns-prefix must be 1 to 20 characters")
+
+    @property
+    def socket(self) -> Path:
+        return self.socket_path or self.data_dir / "corral.sock"
 
     @property
     def advertise(self) -> str:

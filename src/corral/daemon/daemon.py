@@ -7,7 +7,9 @@ import asyncio
 import logging
 import platform
 import shutil
+import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -15,12 +17,14 @@ import httpx
 from corral import __version__
 from corral.agent.exec import TaskEnv
 from corral.agent.runtimes.process import ProcessExecutor
-from corral.agent.session import ManagerSession
+from corral.agent.certs import keep_certificate
+from corral.agent.session import MANAGER_NAME, ManagerSession
 from corral.agent.overlay import NodeOverlay
 from corral.agent.worker import Agent
 from corral.api.errors import CorralError, InvalidArgument, NotFound, NotInSwarm, NotManager
-from corral.api.types import API_PORT, Model, NodeRole, TaskState
+from corral.api.types import API_PORT, Model, Node, NodeRole, TaskState
 from corral.daemon.config import DaemonConfig
+from corral.daemon.listeners import ASGIApp, ControlListener
 from corral.host.conntrack import flush_udp_flows
 from corral.daemon.state import NodeIdentity, forget_identity, load_identity, save_identity
 from corral.dataplane.feed import (
@@ -42,6 +46,14 @@ from corral.dataplane.worker import encode as encode_update
 from corral.manager.controlapi import JoinRequest, JoinResponse
 from corral.manager.dispatcher import Assignments, Endpoint
 from corral.manager.manager import Manager
+from corral.security.nodetls import NodeTLS
+from corral.security.pki import (
+    JoinToken,
+    Role,
+    bootstrap_context,
+    client_context,
+    split_bundle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +104,13 @@ class Daemon:
         self.agent: Agent | None = None
         self.executor: ProcessExecutor | None = None
         self._agent_task: asyncio.Task[None] | None = None
+        self._certs_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.tls = NodeTLS(self.data_dir / "tls")
+        # The API wrapped for the TLS port (set by whoever serves the local door: run.serve).
+        self.control_app: ASGIApp | None = None
+        self._listener: ControlListener | None = None
+        self._cluster_id: str | None = None
 
     @property
     def api_addr(self) -> str:
@@ -112,11 +130,61 @@ class Daemon:
             log.warning("killed %d task processes left by a previous run", len(killed))
         await self._start_mesh_workers()
         self.identity = load_identity(self.data_dir)
+        if self.identity is not None and not self.tls.exists():
+            log.error("this node's swarm membership has no certificate (made by an older "
+                      "corral?): leaving the swarm; join it again")
+            forget_identity(self.data_dir)
+            self.identity = None
         if self.identity is not None:
             if self.identity.role is NodeRole.MANAGER:
                 self.manager = Manager.open(self.data_dir)
                 self.manager.start()
+            await self._open_control()
             self._start_agent(self.identity)
+
+    # -- the control port (mutual TLS) --------------------------------------------------------
+    async def _open_control(self) -> None:
+        """Listen on the control port with this node's certificate."""
+        if self.control_app is None:
+            raise RuntimeError("the daemon's control app was not set")
+        self._cluster_id = self.tls.identity().cluster_id
+        self._listener = ControlListener(self.control_app, self.addr, self.api_port,
+                                         self.tls.server_context())
+        try:
+            await self._listener.start()
+        except OSError as exc:
+            self._listener = None
+            raise CorralError(f"cannot listen on {self.addr}:{self.api_port}: "
+                              f"{exc.strerror or exc}") from None
+
+    async def _close_control(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
+
+    async def _trust_changed(self) -> None:
+        """The swarm's roots changed: the listener needs a context that trusts the new set."""
+        await self._close_control()
+        await self._open_control()
+
+    def cluster_id(self) -> str | None:
+        return self._cluster_id
+
+    def node_roles(self) -> Callable[[str], Role | None] | None:
+        """On a manager: what the store says a node is now (None: removed)."""
+        manager = self.manager
+        if manager is None:
+            return None
+
+        def role(node_id: str) -> Role | None:
+            n = manager.store.view().get(Node, node_id)
+            return None if n is None else n.spec.role.value
+        return role
+
+    def node_client(self, timeout: float = 5.0) -> httpx.AsyncClient:
+        """HTTPS to other nodes' control ports, as this node; send requests with
+        ``extensions={"sni_hostname": NODE_NAME}`` (any node's certificate will do)."""
+        return httpx.AsyncClient(verify=self.tls.client_context(), timeout=timeout)
 
     async def _start_mesh_workers(self) -> None:
         """Extra userspace mesh processes on the same ports (the kernel spreads connections)."""
@@ -152,6 +220,7 @@ class Daemon:
     async def stop(self) -> None:
         await self._stop_agent()
         await self._stop_mesh_workers()
+        await self._close_control()
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None
@@ -175,12 +244,21 @@ class Daemon:
                 await overlay.apply(a.networks, a.services)
         else:
             self.executor = ProcessExecutor(self.data_dir, env)
-        session = ManagerSession(ident.manager_addr, ident.node_id, ident.secret)
+        session = ManagerSession(ident.manager_addr, self.tls)
         self.agent = Agent(session, self.executor, self._apply_endpoints, self.advertise,
                            apply_networks, forward_host_ports=self.config.runtime == "netns")
         self._agent_task = asyncio.create_task(self.agent.run(), name="agent")
+        self._certs_task = asyncio.create_task(
+            keep_certificate(session, self.tls, self._trust_changed), name="certificates")
 
     async def _stop_agent(self) -> None:
+        if self._certs_task is not None:
+            self._certs_task.cancel()
+            try:
+                await self._certs_task
+            except asyncio.CancelledError:
+                pass
+            self._certs_task = None
         if self._agent_task is not None:
             self._agent_task.cancel()
             try:
@@ -296,8 +374,9 @@ class Daemon:
             raise NotManager() if self.identity is not None else NotInSwarm()
         return self.manager
 
-    async def init_swarm(self, advertise_addr: str | None, heartbeat_period: float) -> tuple[str, str]:
-        """Become the manager of a new swarm; returns (node id, worker join token)."""
+    async def init_swarm(self, advertise_addr: str | None, heartbeat_period: float,
+                         cert_expiry: float) -> tuple[str, str]:
+        """Become the manager of a new swarm (and its CA); returns (node id, worker token)."""
         async with self._lock:
             if self.identity is not None:
                 raise InvalidArgument("This node is already part of a swarm. Use \"corral swarm "
@@ -309,14 +388,22 @@ class Daemon:
             try:
                 resp = manager.control.init_cluster(hostname=self.hostname, addr=self.advertise,
                                                     heartbeat_period=heartbeat_period,
-                                                    engine_version=__version__)
-            except CorralError:
+                                                    engine_version=__version__,
+                                                    csr=self.tls.new_csr().decode(),
+                                                    cert_expiry=cert_expiry)
+                self.tls.trust(resp.ca.encode())
+                self.tls.install(resp.cert.encode())
+                self.manager = manager
+                await self._open_control()
+            except BaseException:
+                self.manager = None
                 manager.store.close()
+                shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
+                self.tls.forget()
                 raise
             manager.start()
-            self.manager = manager
-            self.identity = NodeIdentity(node_id=resp.node_id, secret=resp.secret,
-                                         role=NodeRole.MANAGER, manager_addr=adv)
+            self.identity = NodeIdentity(node_id=resp.node_id, role=NodeRole.MANAGER,
+                                         manager_addr=adv)
             save_identity(self.data_dir, self.identity)
             self._start_agent(self.identity)
             return resp.node_id, manager.control.join_token(NodeRole.WORKER, rotate=False)
@@ -329,26 +416,62 @@ class Daemon:
                                       "leave\" to leave this swarm and join another one.")
             if ":" not in remote:
                 remote = f"{remote}:{API_PORT}"
+            pinned = JoinToken.parse(token)
+            root = await self._fetch_pinned_root(remote, pinned)
             req = JoinRequest(token=token, hostname=self.hostname, addr=self.advertise,
-                              engine_version=__version__)
-            try:
-                async with httpx.AsyncClient(timeout=10.0) as client:
-                    r = await client.post(f"http://{remote}/v1/swarm/nodes",
-                                          json=req.model_dump(mode="json"))
-            except httpx.HTTPError as exc:
-                raise InvalidArgument(f"cannot reach the manager at {remote}: {exc}") from None
-            if r.status_code != 200:
-                try:
-                    msg = r.json().get("message", r.text)
-                except ValueError:
-                    msg = r.text
-                raise InvalidArgument(msg)
+                              engine_version=__version__, csr=self.tls.new_csr().decode())
+            # From here on the manager must prove it holds a certificate of the pinned root.
+            r = await self._call_manager(remote, client_context(root), "POST", "/v1/swarm/nodes",
+                                         json=req.model_dump(mode="json"))
             resp = JoinResponse.model_validate_json(r.content)
-            self.identity = NodeIdentity(node_id=resp.node_id, secret=resp.secret, role=resp.role,
-                                         manager_addr=remote)
+            self.tls.trust(resp.ca.encode())
+            self.tls.install(resp.cert.encode())
+            try:
+                await self._open_control()
+            except BaseException:
+                self.tls.forget()
+                raise
+            self.identity = NodeIdentity(node_id=resp.node_id, role=resp.role, manager_addr=remote)
             save_identity(self.data_dir, self.identity)
             self._start_agent(self.identity)
             return resp.role
+
+    async def _fetch_pinned_root(self, remote: str, token: JoinToken) -> bytes:
+        """The manager's root CA certificate, if it is the one the token pins (nothing is
+        trusted before this check: a manager of another CA is refused here)."""
+        r = await self._call_manager(remote, bootstrap_context(), "GET", "/v1/ca")
+        try:
+            roots = split_bundle(r.json()["ca"].encode())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InvalidArgument(f"the manager at {remote} sent no valid CA certificate") from None
+        for root in roots:
+            if token.pins(root):
+                return root
+        raise InvalidArgument(
+            f"the manager at {remote} presents a CA certificate that does not match the join "
+            "token: refusing to join (a token of another swarm, or not the manager you think)")
+
+    @staticmethod
+    async def _call_manager(remote: str, ctx: ssl.SSLContext, method: str, path: str,
+                            **kw: object) -> httpx.Response:
+        try:
+            async with httpx.AsyncClient(verify=ctx, timeout=10.0) as client:
+                r = await client.request(method, f"https://{remote}{path}",
+                                         extensions={"sni_hostname": MANAGER_NAME}, **kw)  # type: ignore[arg-type]
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise InvalidArgument(f"the manager at {remote} does not hold a manager "
+                                      f"certificate of the swarm the token pins: {exc}") from None
+            raise InvalidArgument(f"cannot reach the manager at {remote}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise InvalidArgument(f"cannot reach the manager at {remote}: {exc}") from None
+        if r.status_code != 200:
+            try:
+                msg = r.json().get("message", r.text)
+            except ValueError:
+                msg = r.text
+            raise InvalidArgument(msg)
+        return r
 
     async def leave_swarm(self, force: bool) -> None:
         """Stop taking part in the swarm: tasks stop, ports close, identity is forgotten."""
@@ -361,9 +484,12 @@ class Daemon:
                     "manager. Removing the last manager erases all current state of the swarm. "
                     "Use `--force` to ignore this message.")
             await self._stop_agent()
+            await self._close_control()
             if self.manager is not None:
                 await self.manager.stop()
                 self.manager = None
                 shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
             forget_identity(self.data_dir)
+            self.tls.forget()
             self.identity = None
+            self._cluster_id = None

@@ -12,7 +12,6 @@ class NodeIdentity(Model):
     """What a daemon needs to rejoin its swarm after a restart."""
 
     node_id: str
-    secret: str
     role: NodeRole
     manager_addr: str
 
@@ -23,16 +22,19 @@ def identity_path(data_dir: Path) -> Path:
 
 def load_identity(data_dir: Path) -> NodeIdentity | None:
     p = identity_path(data_dir)
-    if not p.exists():
+    try:
+        return NodeIdentity.model_validate_json(p.read_text())
+    except FileNotFoundError:
         return None
-    return NodeIdentity.model_validate_json(p.read_text())
+    except ValueError:  # written by an older corral (a bearer secret, no certificate)
+        return None
 
 
 def save_identity(data_dir: Path, ident: NodeIdentity) -> None:
     p = identity_path(data_dir)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    # The secret is the node's credential: readable by its owner only.
+    # Not a secret any more (the certificate is the credential), but nobody else's business.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(ident.model_dump_json())

@@ -27,7 +27,9 @@ from typing import Any
 
 from corral.api.errors import CorralError, InvalidArgument, NotFound
 from corral.api.types import API_PORT
-from corral.client import Client, DaemonUnreachable
+from corral.client import SOCKET_NAME, Client, DaemonUnreachable, TlsFiles
+from corral.security import pki
+from corral.security.files import write_private
 from corral.lab.hosts import Host, NetnsHosts, used_networks
 
 DEFAULT_BASE_ADDR = "127.0.0.11"
@@ -60,7 +62,13 @@ class LabNode:
 
     @property
     def host(self) -> str:
+        """The node's control port (mutual TLS; the lab's client certificate is in DIR/tls)."""
         return f"{self.addr}:{API_PORT}"
+
+    @property
+    def socket(self) -> str:
+        """The node daemon's local socket (owner-only): how the lab itself talks to it."""
+        return f"unix://{Path(self.data_dir) / SOCKET_NAME}"
 
 
 def lab_id(lab_dir: Path) -> str:
@@ -198,11 +206,12 @@ class Lab:
             self.save()
             for n in self.nodes:
                 self._wait_ready(n)
-            manager = Client(self.nodes[0].host)
+            manager = Client(self.nodes[0].socket)
             init = manager.post("/v1/swarm/init", {"heartbeat_period": heartbeat})
             progress(f"{self.nodes[0].name}: swarm initialized (node {init['node_id'][:12]}, manager)")
+            self._client_cert(manager)
             for n in self.nodes[1:]:
-                Client(n.host).post("/v1/swarm/join", {"token": init["worker_token"],
+                Client(n.socket).post("/v1/swarm/join", {"token": init["worker_token"],
                                                        "remote_addr": init["manager_addr"]})
                 progress(f"{n.name}: joined as a worker")
             self._wait_nodes_ready(manager, count)
@@ -212,6 +221,24 @@ class Lab:
             except CorralError as exc:  # keep the error that made `up` fail
                 progress(f"cleanup after the failed `lab up` was incomplete: {exc.message}")
             raise
+
+    @property
+    def tls_dir(self) -> Path:
+        """The lab user's admin client certificate (docker's ca.pem/cert.pem/key.pem)."""
+        return self.dir / "tls"
+
+    def _client_cert(self, manager: Client) -> None:
+        key = pki.new_key()
+        r = manager.post("/v1/ca/client", {"csr": pki.make_csr(key).decode()})
+        files = TlsFiles.in_dir(self.tls_dir)
+        write_private(files.key, pki.key_to_pem(key))
+        files.cert.write_bytes(r["cert"].encode())
+        files.ca.write_bytes(r["ca"].encode())
+
+    def env(self, node: str) -> str:
+        """Shell lines pointing the CLI at a node's control port with the lab's certificate."""
+        return (f"export CORRAL_HOST={self.node(node).host}\n"
+                f"export CORRAL_CERT_PATH={self.tls_dir}")
 
     def _plan_loopback(self, count: int, base_addr: str) -> None:
         try:
@@ -355,7 +382,7 @@ class Lab:
 
     def _wait_ready(self, n: LabNode, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        client = Client(n.host, timeout=2.0)
+        client = Client(n.socket, timeout=2.0)
         while time.monotonic() < deadline:
             if not pid_alive(n.pid):
                 raise CorralError(f"{n.name}'s daemon exited at start; see {n.log}:\n"

@@ -6,10 +6,10 @@ orchestrator and scheduler to act on.
 
 from __future__ import annotations
 
-import hashlib
+import datetime as dt
 import hmac
-import secrets
 import time
+from pathlib import Path
 
 from pydantic import Field
 
@@ -37,38 +37,19 @@ from corral.api.types import (
     new_id,
 )
 from corral.manager.constraints import parse_constraints
-from corral.manager.dispatcher import new_node_secret, secret_digest
 from corral.manager.ipam import check_overlap, gateway_of, parse_subnet
 from corral.manager.updater import rollback
+from corral.manager.ca import CertificateAuthority
+from corral.security.pki import JoinToken, Role, new_join_secret
 from corral.store.base import ReadTx, Store, WriteTx
 
-TOKEN_PREFIX = "SWMTKN-1"
 INGRESS_SUBNET = "10.0.0.0/24"  # docker's default ingress subnet
 FIRST_VNI = 4096
-_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _base36(data: bytes, length: int) -> str:
-    n = int.from_bytes(data, "big")
-    out = []
-    for _ in range(length):
-        n, r = divmod(n, 36)
-        out.append(_B36[r])
-    return "".join(reversed(out))
-
-
-def new_join_secret() -> str:
-    return _base36(secrets.token_bytes(16), 25)
-
-
-def new_root_digest() -> str:
-    # Stands in for the digest of the root CA certificate until the TLS issue adds the CA.
-    return _base36(hashlib.sha256(secrets.token_bytes(32)).digest(), 50)
 
 
 def format_token(cluster: Cluster, role: NodeRole) -> str:
     secret = cluster.manager_secret if role is NodeRole.MANAGER else cluster.worker_secret
-    return f"{TOKEN_PREFIX}-{cluster.root_digest}-{secret}"
+    return str(JoinToken(cluster.root_digest, secret))
 
 
 class JoinRequest(Model):
@@ -76,13 +57,32 @@ class JoinRequest(Model):
     hostname: str = Field(min_length=1, max_length=253)
     addr: str
     engine_version: str = ""
+    csr: str = Field(description="PEM certificate request for the node's own key")
 
 
 class JoinResponse(Model):
     node_id: str
-    secret: str
     role: NodeRole
     heartbeat_period: float
+    cert: str  # the node's certificate (PEM), signed by the cluster's root CA
+    ca: str  # the roots to trust (PEM bundle)
+
+
+class CertRequest(Model):
+    csr: str
+
+
+class CertResponse(Model):
+    cert: str
+    ca: str
+
+
+MIN_CERT_EXPIRY = 5.0  # seconds; docker's minimum is 1h, tests need short-lived certificates
+
+
+def check_cert_expiry(seconds: float) -> None:
+    if seconds < MIN_CERT_EXPIRY:
+        raise InvalidArgument(f"--cert-expiry must be at least {MIN_CERT_EXPIRY:g}s")
 
 
 class NodeUpdate(Model):
@@ -122,22 +122,33 @@ def _task_changes(old: ServiceSpec, new: ServiceSpec) -> bool:
 class ControlAPI:
     """Cluster operations on behalf of users and joining nodes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, ca_dir: Path | None = None) -> None:
         self.store = store
+        self.ca_dir = ca_dir
+        self._ca = CertificateAuthority.load(ca_dir)
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        if self._ca is None:
+            raise NotFound("this manager has no certificate authority (cluster not initialised)")
+        return self._ca
 
     # -- swarm ---------------------------------------------------------------------------
     def init_cluster(self, *, hostname: str, addr: str, heartbeat_period: float,
-                     engine_version: str) -> JoinResponse:
-        """Create the cluster object and the first (manager) node."""
+                     engine_version: str, csr: str,
+                     cert_expiry: float = Cluster.model_fields["cert_expiry"].default) -> JoinResponse:
+        """Create the cluster (with its root CA) and the first node, this manager."""
         if heartbeat_period <= 0:
             raise InvalidArgument("dispatcher heartbeat period must be positive")
-        secret = new_node_secret()
+        check_cert_expiry(cert_expiry)
         node = Node(id=new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
                     description=NodeDescription(hostname=hostname, addr=addr,
                                                 engine_version=engine_version),
-                    status=NodeStatus(state=NodeState.READY), secret_digest=secret_digest(secret))
-        cluster = Cluster(root_digest=new_root_digest(), worker_secret=new_join_secret(),
-                          manager_secret=new_join_secret(), heartbeat_period=heartbeat_period)
+                    status=NodeStatus(state=NodeState.READY))
+        cluster = Cluster(worker_secret=new_join_secret(), manager_secret=new_join_secret(),
+                          heartbeat_period=heartbeat_period, cert_expiry=cert_expiry)
+        self._ca = CertificateAuthority.create(self.ca_dir, cluster.cluster_id)
+        cluster.root_digest = self._ca.digest
 
         # Swarm's default ingress network: the routing mesh's overlay (used by netns tasks).
         ingress = Network(id=new_id(), spec=NetworkSpec(name="ingress", subnet=INGRESS_SUBNET,
@@ -149,8 +160,17 @@ class ControlAPI:
             tx.create(node)
             tx.create(ingress)
         self.store.update(write)
-        return JoinResponse(node_id=node.id, secret=secret, role=NodeRole.MANAGER,
-                            heartbeat_period=heartbeat_period)
+        return self._issue_join(node, cluster, csr.encode())
+
+    def _issue_join(self, node: Node, cluster: Cluster, csr: bytes) -> JoinResponse:
+        cert = self._sign(csr, node.id, node.spec.role, cluster)
+        return JoinResponse(node_id=node.id, role=node.spec.role, heartbeat_period=cluster.heartbeat_period,
+                            cert=cert.decode(), ca=self.ca.bundle_pem.decode())
+
+    def _sign(self, csr: bytes, subject: str, role: NodeRole | Role, cluster: Cluster) -> bytes:
+        r: Role = "manager" if role is NodeRole.MANAGER else "worker" if role is NodeRole.WORKER else role
+        return self.ca.sign(csr, node_id=subject, role=r, cluster_id=cluster.cluster_id,
+                            expiry=dt.timedelta(seconds=cluster.cert_expiry))
 
     def cluster(self) -> Cluster:
         c = self.store.view().cluster()
@@ -168,37 +188,47 @@ class ControlAPI:
         return format_token(self.cluster(), role)
 
     def join(self, req: JoinRequest) -> JoinResponse:
-        """Admit a node that shows a valid join token."""
+        """Admit a node that shows a valid join token, and certify its key."""
         cluster = self.cluster()
-        parts = req.token.split("-")
-        if len(parts) != 4 or "-".join(parts[:2]) != TOKEN_PREFIX:
-            raise InvalidArgument("invalid join token: expected SWMTKN-1-<digest>-<secret>")
-        digest, secret = parts[2], parts[3]
-        if not hmac.compare_digest(digest, cluster.root_digest):
+        token = JoinToken.parse(req.token)
+        if not hmac.compare_digest(token.digest, cluster.root_digest):
             raise InvalidArgument("invalid join token: it belongs to another swarm")
-        if hmac.compare_digest(secret, cluster.worker_secret):
+        if hmac.compare_digest(token.secret, cluster.worker_secret):
             role = NodeRole.WORKER
-        elif hmac.compare_digest(secret, cluster.manager_secret):
+        elif hmac.compare_digest(token.secret, cluster.manager_secret):
             raise InvalidArgument("joining as a manager needs a replicated store, which this swarm "
                                   "does not have yet: join with the worker token")
         else:
             raise InvalidArgument("invalid join token: the token was rotated or is wrong")
-        node_secret = new_node_secret()
+        csr = req.csr.encode()
+        node_id = new_id()
+        self._sign(csr, node_id, role, cluster)  # refuse a bad request before admitting anyone
 
         def write(tx: WriteTx) -> Node:
             for n in tx.all(Node):
                 if n.description.addr == req.addr and n.status.state is not NodeState.DOWN:
                     raise Conflict(f"a node with address {req.addr} is already part of the swarm "
                                    f"({n.hostname}); remove it first")
-            node = Node(id=new_id(), spec=NodeSpec(role=role),
+            node = Node(id=node_id, spec=NodeSpec(role=role),
                         description=NodeDescription(hostname=req.hostname, addr=req.addr,
                                                     engine_version=req.engine_version),
-                        status=NodeStatus(state=NodeState.UNKNOWN),
-                        secret_digest=secret_digest(node_secret))
+                        status=NodeStatus(state=NodeState.UNKNOWN))
             return tx.create(node)
         node = self.store.update(write)
-        return JoinResponse(node_id=node.id, secret=node_secret, role=role,
-                            heartbeat_period=cluster.heartbeat_period)
+        return self._issue_join(node, cluster, csr)
+
+    def renew(self, node_id: str, csr: bytes) -> CertResponse:
+        """A fresh certificate for a node's new key, with its current role."""
+        node = self.store.view().get(Node, node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not part of the swarm")
+        cert = self._sign(csr, node.id, node.spec.role, self.cluster())
+        return CertResponse(cert=cert.decode(), ca=self.ca.bundle_pem.decode())
+
+    def client_cert(self, csr: bytes) -> CertResponse:
+        """An admin client certificate (the CLI's, for TLS from another machine)."""
+        cert = self._sign(csr, f"client-{new_id()[:12]}", "client", self.cluster())
+        return CertResponse(cert=cert.decode(), ca=self.ca.bundle_pem.decode())
 
     # -- nodes ---------------------------------------------------------------------------
     def nodes(self) -> list[Node]:

@@ -11,10 +11,7 @@ The manager writes desired state; the agent's reports only ever move observed st
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -103,14 +100,6 @@ class Assignments(Model):
     host_endpoints: list[Endpoint] = Field(default_factory=list)
 
 
-def secret_digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_node_secret() -> str:
-    return secrets.token_urlsafe(32)
-
-
 @dataclass
 class _Session:
     last_seen: float
@@ -134,11 +123,11 @@ class Dispatcher:
         return cluster.heartbeat_period if cluster else 1.0
 
     # -- authentication ---------------------------------------------------------------
-    def authenticate(self, node_id: str, secret: str) -> Node:
-        """The node behind a session credential, or Forbidden."""
+    def authenticate(self, node_id: str) -> Node:
+        """The node a (TLS-verified) certificate names, or Forbidden if it was removed."""
         node = self.store.view().get(Node, node_id)
-        if node is None or not hmac.compare_digest(node.secret_digest, secret_digest(secret)):
-            raise Forbidden("node credential refused: this node is not (or no longer) part of the swarm")
+        if node is None:
+            raise Forbidden("node certificate refused: this node is not (or no longer) part of the swarm")
         return node
 
     # -- heartbeats ---------------------------------------------------------------------

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 class Manager:
     """Owns the store and runs every manager component as a task of one group."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, ca_dir: Path | None = None) -> None:
         self.store = store
-        self.control = ControlAPI(store)
+        self.control = ControlAPI(store, ca_dir)
         self.dispatcher = Dispatcher(store)
         self.components = [Orchestrator(store), Allocator(store), Scheduler(store), Updater(store)]
         self._task: asyncio.Task[None] | None = None
@@ -33,7 +33,7 @@ class Manager:
     def open(cls, data_dir: Path) -> Manager:
         store = SQLiteStore(data_dir / "manager" / "store.db")
         store.open()
-        return cls(store)
+        return cls(store, data_dir / "manager" / "ca")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="manager")

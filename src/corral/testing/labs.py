@@ -48,12 +48,16 @@ class LabSwarm:
     def manager(self) -> str:
         return self.lab.nodes[0].host
 
+    def env(self, host: str | None = None) -> dict[str, str]:
+        """The environment of a CLI pointed at the lab: node1's control port (mutual TLS, the
+        lab's client certificate) unless `host` is given."""
+        return dict(os.environ, CORRAL_HOST=host or self.manager, CORRAL_LAB_DIR=str(self.lab.dir),
+                    CORRAL_CERT_PATH=str(self.lab.tls_dir), COLUMNS="200")
+
     def cli(self, *args: str, host: str | None = None, timeout: float = 60.0,
             env: dict[str, str] | None = None) -> CLIResult:
         """Run `corral ARGS` against the lab (node1 unless `host` is given)."""
-        e = dict(os.environ)
-        e.update({"CORRAL_HOST": host or self.manager, "CORRAL_LAB_DIR": str(self.lab.dir),
-                  "COLUMNS": "200"})
+        e = self.env(host)
         e.update(env or {})
         p = subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True,
                            timeout=timeout, env=e, stdin=subprocess.DEVNULL)
@@ -97,6 +101,12 @@ def lab_swarm(tmp: Path, nodes: int, base_addr: str = DEFAULT_BASE_ADDR, heartbe
         yield LabSwarm(lab)
     finally:
         lab.down()
+
+
+def local_api(socket_url: str, timeout: float = 10.0) -> httpx.Client:
+    """Raw HTTP to a daemon's local socket (``unix:///…/corral.sock``), as its node's admin."""
+    return httpx.Client(transport=httpx.HTTPTransport(uds=socket_url.removeprefix("unix://")),
+                        base_url="http://corral", timeout=timeout)
 
 
 def http_get(addr: str, port: int, timeout: float = 3.0) -> dict[str, Any]:

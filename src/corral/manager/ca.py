@@ -1,0 +1,76 @@
+"""The cluster's certificate authority, on the manager: signs node and client certificates.
+
+The root key lives in the manager's data directory, readable by its owner only (0600); the
+store holds only public parts (the root's digest, which join tokens pin). During a root
+rotation the CA trusts two roots — the bundle — while it signs with the new one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from corral.security import pki
+from corral.security.files import write_private
+from corral.security.pki import CertKey, Role
+
+
+class CertificateAuthority:
+    """Signs certificates with the current root; tells which roots nodes must trust."""
+
+    ROOT, KEY, BUNDLE = "root.pem", "root-key.pem", "bundle.pem"
+
+    def __init__(self, directory: Path | None, root: CertKey, bundle_pem: bytes) -> None:
+        self.dir = directory
+        self.root = root
+        self.bundle_pem = bundle_pem
+
+    @classmethod
+    def create(cls, directory: Path | None, cluster_id: str) -> CertificateAuthority:
+        ca = cls(directory, pki.create_root_ca(cluster_id), b"")
+        ca.bundle_pem = ca.root.cert_pem
+        ca._save()
+        return ca
+
+    @classmethod
+    def load(cls, directory: Path | None) -> CertificateAuthority | None:
+        if directory is None:
+            return None
+        try:
+            root = CertKey((directory / cls.ROOT).read_bytes(), (directory / cls.KEY).read_bytes())
+            bundle = (directory / cls.BUNDLE).read_bytes()
+        except FileNotFoundError:
+            return None
+        return cls(directory, root, bundle)
+
+    def _save(self) -> None:
+        if self.dir is None:  # in memory only (unit tests of the control API)
+            return
+        write_private(self.dir / self.KEY, self.root.key_pem)
+        (self.dir / self.ROOT).write_bytes(self.root.cert_pem)
+        (self.dir / self.BUNDLE).write_bytes(self.bundle_pem)
+
+    @property
+    def digest(self) -> str:
+        return pki.ca_digest(self.root.cert_pem)
+
+    def sign(self, csr_pem: bytes, *, node_id: str, role: Role, cluster_id: str,
+             expiry: dt.timedelta) -> bytes:
+        return pki.issue(self.root, csr_pem, node_id=node_id, role=role, cluster_id=cluster_id,
+                         expiry=expiry)
+
+    def begin_rotation(self, cluster_id: str) -> None:
+        """A new root signs from now on; both roots are trusted until every node moved over."""
+        new = pki.create_root_ca(cluster_id)
+        self.bundle_pem = self.root.cert_pem + new.cert_pem
+        self.root = new
+        self._save()
+
+    def finish_rotation(self) -> None:
+        """Trust only the current root (every node holds a certificate it signed)."""
+        self.bundle_pem = self.root.cert_pem
+        self._save()
+
+    @property
+    def rotating(self) -> bool:
+        return len(pki.split_bundle(self.bundle_pem)) > 1
