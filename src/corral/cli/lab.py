@@ -29,6 +29,8 @@ def up(nodes: Annotated[int, typer.Option(help="Number of nodes")] = 3,
            "--netns", help="Each node in its own network namespace on a lab bridge (root only)")] = False,
        subnet: Annotated[Optional[str], typer.Option(
            help=f"The --netns lab's subnet: bridge .1, node1 .11, … [default: {DEFAULT_SUBNET}]")] = None,
+       cert_expiry: Annotated[Optional[str], typer.Option(
+           help="Node certificates' lifetime (they renew at half of it) [default: 90 days]")] = None,
        dir: LabDir = None) -> None:
     """Start N daemons on loopback addresses (or in network namespaces) and form a swarm."""
     if netns and base_addr is not None:
@@ -37,7 +39,8 @@ def up(nodes: Annotated[int, typer.Option(help="Number of nodes")] = 3,
         raise InvalidArgument("--subnet needs --netns")
     lab = Lab(dir)
     lab.up(nodes, base_addr or DEFAULT_BASE_ADDR, parse_duration(heartbeat), progress=typer.echo,
-           netns=netns, subnet=subnet or DEFAULT_SUBNET)
+           netns=netns, subnet=subnet or DEFAULT_SUBNET,
+           cert_expiry=parse_duration(cert_expiry) if cert_expiry else None)
     first = lab.nodes[0]
     where = f" in network namespaces on bridge {lab.bridge}" if lab.netns else ""
     typer.echo(f"Lab swarm up: {len(lab.nodes)} nodes ({', '.join(n.addr for n in lab.nodes)}){where}.")

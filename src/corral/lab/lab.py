@@ -173,7 +173,7 @@ class Lab:
     # -- up / down ------------------------------------------------------------------------
     def up(self, count: int, base_addr: str = DEFAULT_BASE_ADDR, heartbeat: float = 1.0,
            progress: Callable[[str], object] = print, netns: bool = False,
-           subnet: str = DEFAULT_SUBNET) -> None:
+           subnet: str = DEFAULT_SUBNET, cert_expiry: float | None = None) -> None:
         """Start `count` daemons and form a swarm with node1 as its manager."""
         if netns:
             check_root()
@@ -207,7 +207,8 @@ class Lab:
             for n in self.nodes:
                 self._wait_ready(n)
             manager = Client(self.nodes[0].socket)
-            init = manager.post("/v1/swarm/init", {"heartbeat_period": heartbeat})
+            init = manager.post("/v1/swarm/init", {"heartbeat_period": heartbeat} | (
+                {"cert_expiry": cert_expiry} if cert_expiry is not None else {}))
             progress(f"{self.nodes[0].name}: swarm initialized (node {init['node_id'][:12]}, manager)")
             self._client_cert(manager)
             for n in self.nodes[1:]:

@@ -40,7 +40,7 @@ from corral.manager.constraints import parse_constraints
 from corral.manager.ipam import check_overlap, gateway_of, parse_subnet
 from corral.manager.updater import rollback
 from corral.manager.ca import CertificateAuthority
-from corral.security.pki import JoinToken, Role, new_join_secret
+from corral.security.pki import DEFAULT_CERT_EXPIRY, JoinToken, Role, new_join_secret
 from corral.store.base import ReadTx, Store, WriteTx
 
 INGRESS_SUBNET = "10.0.0.0/24"  # docker's default ingress subnet
@@ -227,7 +227,11 @@ class ControlAPI:
 
     def client_cert(self, csr: bytes) -> CertResponse:
         """An admin client certificate (the CLI's, for TLS from another machine)."""
-        cert = self._sign(csr, f"client-{new_id()[:12]}", "client", self.cluster())
+        cluster = self.cluster()
+        # Client certificates do not renew by themselves: never shorter-lived than the default.
+        expiry = max(dt.timedelta(seconds=cluster.cert_expiry), DEFAULT_CERT_EXPIRY)
+        cert = self.ca.sign(csr, node_id=f"client-{new_id()[:12]}", role="client",
+                            cluster_id=cluster.cluster_id, expiry=expiry)
         return CertResponse(cert=cert.decode(), ca=self.ca.bundle_pem.decode())
 
     # -- nodes ---------------------------------------------------------------------------

@@ -154,7 +154,9 @@ def issue(ca: CertKey, csr_pem: bytes, *, node_id: str, role: Role, cluster_id: 
         .issuer_name(ca_cert.subject)
         .public_key(csr.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + expiry)
+        # Backdated a little for clocks that lag — but never by much of a short lifetime, which
+        # renewal at half-life measures.
+        .not_valid_before(now - min(CLOCK_SKEW, expiry / 10)).not_valid_after(now + expiry)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
