@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import socket
@@ -107,6 +108,13 @@ async def hello(port: int, writers: list[asyncio.StreamWriter]) -> str:
     line = await r.readline()
     w.close()
     return line.decode().strip()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for `cond` to hold (polled every 10 ms), fail after `timeout`."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
 
 
 async def read_closed(r: asyncio.StreamReader) -> bytes:
@@ -222,6 +230,32 @@ def test_empty_backend_list_closes_client(run: Callable[[Scenario], None]) -> No
             # Backends appear: the same listener starts forwarding.
             await mesh.apply({pp: [bs[0].backend]})
             assert await hello(port, writers) == "b0"
+
+    run(scenario)
+
+
+def test_closed_connections_are_freed_without_the_cyclic_gc(run: Callable[[Scenario], None]) -> None:
+    """Per-connection objects go when the connection does (no client <-> upstream cycle left
+    for the garbage collector to find later)."""
+
+    def sides() -> int:
+        return sum(isinstance(o, proxy._Side) for o in gc.get_objects())
+
+    async def scenario() -> None:
+        async with cluster(1) as (mesh, bs, writers):
+            port = free_port()
+            await mesh.apply({PublishedPort(port): [bs[0].backend]})
+            gc.collect()
+            gc.disable()
+            try:
+                before = sides()
+                for _ in range(20):
+                    assert await hello(port, writers) == "b0"
+                await until(lambda: mesh.stats(port).active == 0)
+                await asyncio.sleep(0)  # the loop drops its last references to the protocols
+                assert sides() == before
+            finally:
+                gc.enable()
 
     run(scenario)
 

@@ -106,7 +106,7 @@ class Route:
     __slots__ = (
         "backends", "connect_timeout", "stats", "registry", "source_addr",
         "health", "eject_base", "eject_max", "clock", "_keys", "_keyset", "_rr", "balancer",
-        "proxy_protocol",
+        "proxy_protocol", "local_addr", "loop",
     )
 
     def __init__(
@@ -125,6 +125,9 @@ class Route:
         # one), so a task sees which node's mesh the connection came through — as a Swarm
         # task sees the ingress endpoint's address.
         self.source_addr = source_addr
+        self.local_addr = (source_addr, 0) if source_addr else None  # for create_connection
+        # The loop of the first connection (asyncio.get_running_loop() costs a getpid()).
+        self.loop: asyncio.AbstractEventLoop | None = None
         # A tuple, replaced wholesale by set_backends(): readers never see a
         # half-updated list, and no lock is needed on a single-threaded loop.
         self.backends: tuple[Backend, ...] = ()
@@ -286,17 +289,6 @@ def set_keepalive(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
     except OSError:  # pragma: no cover - platform without these options
-        pass
-
-
-def _set_nodelay(transport: asyncio.BaseTransport) -> None:
-    """Disable Nagle so small request/response traffic is not delayed."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # pragma: no cover - e.g. socket already reset
         pass
 
 
@@ -477,8 +469,8 @@ class UpstreamSide(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Wire both sides together as soon as the upstream socket exists."""
         # cast, not isinstance: uvloop's transports do not subclass asyncio's.
+        # TCP_NODELAY is already set: asyncio and uvloop set it on every TCP transport.
         transport = cast(asyncio.Transport, transport)
-        _set_nodelay(transport)
         self.transport = transport
         client = self.client
         if client.lost or client.transport is None:
@@ -505,7 +497,7 @@ class UpstreamSide(_Side):
 class ClientSide(_Side):
     """The accepted (client) end of a proxied connection."""
 
-    __slots__ = ("route", "task", "early", "backend", "pair")
+    __slots__ = ("route", "task", "early", "backend", "pair", "timed_out")
 
     def __init__(self, route: Route) -> None:
         """Bind to the route of the published port that accepted us."""
@@ -518,6 +510,7 @@ class ClientSide(_Side):
         self.early: bytes | None = None
         # Set when the pair moved to splice (bulk): it owns both sockets from then on.
         self.pair: splice.SplicedPair | None = None
+        self.timed_out = False  # the connect timer fired (it cancels the connecting task)
 
     def _ends(self) -> tuple[ClientSide, UpstreamSide] | None:
         peer = self.peer
@@ -530,21 +523,24 @@ class ClientSide(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Hold the client's bytes in the kernel and start connecting upstream."""
         transport = cast(asyncio.Transport, transport)
-        _set_nodelay(transport)
         self.transport = transport
         # Effective on stock asyncio; uvloop starts reading right after
         # connection_made() regardless, which _hold() covers.
         transport.pause_reading()
         route = self.route
-        route.stats.total += 1
-        route.stats.active += 1
+        stats = route.stats
+        stats.total += 1
+        stats.active += 1
         route.registry.add(self)
         if not route.backends:
             # Nothing to forward to: behave like a refused backend.
-            route.stats.rejected += 1
+            stats.rejected += 1
             transport.abort()
             return
-        self.task = asyncio.get_running_loop().create_task(self._connect())
+        loop = route.loop
+        if loop is None:
+            loop = route.loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self._connect(loop))
 
     def _hold(self, data: bytes) -> None:
         """Keep early bytes for the upstream and stop reading until it exists."""
@@ -553,10 +549,19 @@ class ClientSide(_Side):
         if self.transport is not None:
             self.transport.pause_reading()
 
-    async def _connect(self) -> None:
+    def _upstream(self) -> UpstreamSide:
+        return UpstreamSide(self)
+
+    def _connect_timeout(self) -> None:
+        """The connect timer: stop this attempt (the task moves on to the next backend)."""
+        task = self.task
+        if task is not None:
+            self.timed_out = True
+            task.cancel()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
         """Try backends round-robin, each at most once, then give up."""
         route = self.route
-        loop = asyncio.get_running_loop()
         tried: list[Backend] = []
         client = ""
         if route.balancer is not None and self.transport is not None:
@@ -568,13 +573,24 @@ class ClientSide(_Side):
                 if backend is None:
                     break
                 tried.append(backend)
+                # A plain timer that cancels the task: cheaper than asyncio.timeout().
+                timer = loop.call_later(route.connect_timeout, self._connect_timeout)
                 try:
-                    async with asyncio.timeout(route.connect_timeout):
-                        await loop.create_connection(
-                            lambda: UpstreamSide(self), backend.addr, backend.port,
-                            local_addr=(route.source_addr, 0) if route.source_addr else None,
-                        )
-                except (OSError, TimeoutError):
+                    await loop.create_connection(self._upstream, backend.addr, backend.port,
+                                                 local_addr=route.local_addr)
+                    failed = False
+                except OSError:
+                    failed = True
+                except asyncio.CancelledError:
+                    if not self.timed_out:
+                        raise  # cancelled by the mesh (close, client gone)
+                    self.timed_out = False
+                    if self.task is not None:
+                        self.task.uncancel()
+                    failed = True
+                finally:
+                    timer.cancel()
+                if failed:
                     route.stats.failed_connects += 1
                     route.record_failure(backend)
                     if self.peer is not None:
@@ -616,6 +632,11 @@ class ClientSide(_Side):
         """The connection is over (both transports, or the spliced pair, closed)."""
         self.lost = True
         self.early = None
+        # Break the client <-> upstream cycle: both are freed now, not by the cyclic GC.
+        peer = self.peer
+        if peer is not None:
+            peer.peer = peer.out = None
+            self.peer = self.out = None
         route = self.route
         route.stats.active -= 1
         route.registry.discard(self)
