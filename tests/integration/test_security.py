@@ -20,6 +20,7 @@ import pytest
 from corral.client import TlsFiles
 from corral.security import pki
 from corral.testing.labs import CLIResult, LabSwarm, http_get, lab_swarm, wait_for
+from corral.testing.load import Load
 
 BASE_ADDR = "127.0.0.81"
 RENEW_ADDR = "127.0.0.85"
@@ -99,10 +100,21 @@ def test_control_ports_refuse_plaintext_anonymous_and_garbage(swarm: LabSwarm) -
     still_serving(swarm)
 
 
-def test_local_socket_is_owner_only(swarm: LabSwarm) -> None:
+def test_local_socket_is_owner_only_and_shrugs_off_garbage(swarm: LabSwarm) -> None:
     for n in swarm.lab.nodes:
         path = Path(n.socket.removeprefix("unix://"))
         assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+            s.sendall(os.urandom(2048) + b"\r\n\r\n")
+            s.settimeout(5)
+            try:
+                reply = s.recv(4096)
+            except OSError:
+                reply = b""
+            assert reply == b"" or reply.startswith(b"HTTP/1.1 400")
+    assert "Traceback" not in daemon_logs(swarm)
+    still_serving(swarm)
 
 
 def test_worker_certificate_cannot_call_manager_apis(swarm: LabSwarm) -> None:
@@ -171,6 +183,43 @@ def test_join_token_pins_the_ca(swarm: LabSwarm) -> None:
     assert pki.JoinToken.parse(token).pins(root)
     assert pki.identity(node_tls(swarm, "node2").joinpath("node.pem").read_bytes()).role == "worker"
     assert pki.signed_by(node_tls(swarm, "node2").joinpath("node.pem").read_bytes(), root)
+
+
+def test_root_ca_rotation_moves_every_node_without_downtime(swarm: LabSwarm, tmp_path: Path) -> None:
+    ca_dir = Path(swarm.lab.node("node1").data_dir) / "manager" / "ca"
+    old_root = pki.CertKey((ca_dir / "root.pem").read_bytes(), (ca_dir / "root-key.pem").read_bytes())
+    old_token = swarm.ok("swarm", "join-token", "worker", "-q").out.strip()
+    tasks = {t["id"] for t in swarm.running("web")}
+    with Load([(a, PORT) for a in swarm.addrs], rate=60) as load:
+        r = swarm.ok("swarm", "ca", "--rotate")
+        result = load.stop()
+    assert "rotated TLS certificates: 3/3 nodes" in r.out and "Root CA rotated" in r.out
+    new_root = pki.split_bundle(swarm.ok("swarm", "ca").out.encode())
+    assert new_root != [old_root.cert_pem] and len(new_root) == 1
+    assert result.failed == 0 and result.ok > 0, result.summary()
+    assert {t["id"] for t in swarm.running("web")} == tasks
+    # Every node holds a certificate of the new root and, once told, trusts only that root.
+    for n in swarm.lab.nodes:
+        assert pki.signed_by((node_tls(swarm, n.name) / "node.pem").read_bytes(), new_root[0])
+    wait_for(lambda: all((node_tls(swarm, n.name) / "ca.pem").read_bytes() == new_root[0]
+                         for n in swarm.lab.nodes), timeout=10, what="nodes to drop the old root")
+    # Join tokens pin the new root; the old token is refused for its digest.
+    new_token = swarm.ok("swarm", "join-token", "worker", "-q").out.strip()
+    assert pki.JoinToken.parse(new_token).pins(new_root[0])
+    assert pki.JoinToken.parse(old_token).secret == pki.JoinToken.parse(new_token).secret
+    # A certificate the old root signs is worthless now.
+    key = pki.new_key()
+    files = TlsFiles.in_dir(tmp_path)
+    files.cert.write_bytes(pki.issue(old_root, pki.make_csr(key), node_id="client-old",
+                                     role="client", cluster_id="x"))
+    files.key.write_bytes(pki.key_to_pem(key))
+    files.ca.write_bytes(new_root[0])
+    one_line_error(swarm.cli("node", "ls", env={"CORRAL_CERT_PATH": str(tmp_path)}),
+                   "does not accept this client certificate")
+    # The lab's own client certificate was re-issued by the CLI and still works.
+    assert pki.signed_by(swarm.lab.tls_dir.joinpath("cert.pem").read_bytes(), new_root[0])
+    still_serving(swarm)
+    assert "Traceback" not in daemon_logs(swarm)
 
 
 def test_node_rm_revokes_its_certificate(swarm: LabSwarm) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from corral.agent.session import ManagerSession
 from corral.security.nodetls import NodeTLS
+from corral.security.pki import bundle_digest
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,17 @@ async def keep_certificate(session: ManagerSession, tls: NodeTLS,
                            on_trust_changed: Callable[[], Awaitable[None]]) -> None:
     """Run until cancelled."""
     while True:
+        session.roots_changed.clear()
         try:
-            if tls.needs_renewal():
+            roots_moved = bool(session.roots) and session.roots != bundle_digest(tls.bundle())
+            if roots_moved or tls.needs_renewal():
                 await renew(session, tls, on_trust_changed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # manager unreachable: try again soon, the old one still works
             log.warning("certificate renewal failed, will retry: %s", exc)
-        await asyncio.sleep(check_interval(tls))
+        # Wake up early when a heartbeat says the swarm's roots changed (a CA rotation).
+        try:
+            await asyncio.wait_for(session.roots_changed.wait(), check_interval(tls))
+        except TimeoutError:
+            pass

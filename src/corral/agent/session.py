@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -28,6 +29,9 @@ class ManagerSession:
         self.tls = tls
         self._generation = tls.generation
         self._client = self._make_client()
+        # The roots the manager last said to trust (by digest), and a nudge when they change.
+        self.roots = ""
+        self.roots_changed = asyncio.Event()
 
     def _make_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=f"https://{self.manager_addr}",
@@ -50,7 +54,12 @@ class ManagerSession:
     async def heartbeat(self) -> float:
         """Tell the manager this node is alive; returns the heartbeat period to use."""
         r = await self._request("POST", "/v1/dispatcher/heartbeat", json={})
-        return float(r.json()["period"])
+        body = r.json()
+        roots = str(body.get("roots", ""))
+        if roots and roots != self.roots:
+            self.roots = roots
+            self.roots_changed.set()
+        return float(body["period"])
 
     async def send_status(self, updates: list[StatusUpdate]) -> None:
         await self._request("POST", "/v1/dispatcher/status",

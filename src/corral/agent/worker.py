@@ -288,7 +288,7 @@ class Agent:
                 self.refused = str(exc)
                 log.error("manager refused this node: %s", exc)
             except Exception as exc:  # manager down: keep tasks running, keep trying
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat failed: %r", exc)
             await asyncio.sleep(self.period)
 
     async def _sender(self) -> None:
@@ -301,7 +301,7 @@ class Agent:
             except SessionRefused as exc:
                 log.error("status refused: %s", exc)
             except Exception as exc:
-                log.warning("status report failed, will retry: %s", exc)
+                log.warning("status report failed, will retry: %r", exc)
                 self._outbox = batch + self._outbox
                 self._outbox_ready.set()
                 await asyncio.sleep(0.5)
@@ -312,7 +312,7 @@ class Agent:
             try:
                 a = await self.session.assignments(version, timeout=10.0)
             except Exception as exc:
-                log.warning("assignments poll failed: %s", exc)
+                log.warning("assignments poll failed: %r", exc)
                 await asyncio.sleep(0.5)
                 continue
             version = a.version

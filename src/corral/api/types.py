@@ -101,6 +101,9 @@ class Node(Model):
     spec: NodeSpec = Field(default_factory=NodeSpec)
     description: NodeDescription
     status: NodeStatus = Field(default_factory=NodeStatus)
+    # Key id (hex) of the root that signed the node's latest certificate: a root rotation is
+    # done when every node's is the new root's.
+    cert_root: str = ""
     # The node's own address on each overlay network (its bridge; also the mesh's source).
     attachments: list[NetworkAttachment] = Field(default_factory=list)
 

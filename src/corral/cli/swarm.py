@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from corral.cli.context import client
+from corral.api.errors import CorralError
+from corral.cli.context import State, client
 from corral.cli.parse import parse_duration
-from corral.client import TlsFiles
+from corral.client import Client, TlsFiles, default_tls
 from corral.security import pki
 from corral.security.files import write_private
+
+ROTATION_TIMEOUT = 120.0  # seconds the CLI watches a rotation before handing back
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Manage the swarm.")
 
@@ -77,19 +81,60 @@ def leave(ctx: typer.Context,
 
 @app.command()
 def ca(ctx: typer.Context,
+       rotate: Annotated[bool, typer.Option(
+           help="Rotate the swarm's root CA: every node moves to a new root, no downtime")] = False,
+       detach: Annotated[bool, typer.Option(
+           "-d", "--detach", help="With --rotate: do not wait for the rotation to finish")] = False,
        client_cert: Annotated[Optional[Path], typer.Option(
            help="Write an admin client certificate (ca.pem, cert.pem, key.pem) into this "
                 "directory, for the CLI over TLS ($CORRAL_CERT_PATH)")] = None) -> None:
-    """Display the swarm's root CA certificate, or issue an admin client certificate."""
+    """Display the swarm's root CA certificate, rotate it, or issue an admin client certificate."""
     c = client(ctx)
-    if client_cert is None:
-        typer.echo(c.get("/v1/ca")["ca"], nl=False)
+    if client_cert is not None:
+        _issue_client_cert(c, client_cert)
+        typer.echo(f"Client certificate written to {client_cert}: use it with "
+                   f"CORRAL_CERT_PATH={client_cert} CORRAL_HOST=<manager>:2377")
         return
+    if rotate:
+        _rotate(ctx, c, detach)
+        if detach:
+            return
+    roots = pki.split_bundle(c.get("/v1/ca")["ca"].encode())
+    typer.echo(roots[-1].decode(), nl=False)  # the newest root is the one that signs
+
+
+def _issue_client_cert(c: Client, directory: Path) -> None:
     key = pki.new_key()
     r = c.post("/v1/ca/client", {"csr": pki.make_csr(key).decode()})
-    write_client_tls(client_cert, r["ca"].encode(), r["cert"].encode(), pki.key_to_pem(key))
-    typer.echo(f"Client certificate written to {client_cert}: use it with "
-               f"CORRAL_CERT_PATH={client_cert} CORRAL_HOST=<manager>:2377")
+    write_client_tls(directory, r["ca"].encode(), r["cert"].encode(), pki.key_to_pem(key))
+
+
+def _rotate(ctx: typer.Context, c: Client, detach: bool) -> None:
+    status = c.post("/v1/swarm/ca/rotate")
+    # The client certificate this CLI uses must outlive the old root: re-issue it now, under
+    # the new root (with the cross-signed root, so nodes not yet moved accept it too).
+    state = ctx.find_object(State)
+    files = (state.tls if state is not None else None) or default_tls()
+    if files.cert.exists():
+        _issue_client_cert(c, files.cert.parent)
+        typer.echo(f"Client certificate in {files.cert.parent} re-issued under the new root.")
+    if detach:
+        typer.echo("Root CA rotation started; `corral swarm ca` shows the new root once every "
+                   "node moved.")
+        return
+    shown = -1
+    deadline = time.monotonic() + ROTATION_TIMEOUT
+    while status["rotating"]:
+        if status["rotated"] != shown:
+            shown = status["rotated"]
+            typer.echo(f"rotated TLS certificates: {shown}/{status['nodes']} nodes")
+        if time.monotonic() > deadline:
+            raise CorralError("the rotation is still in progress (down nodes hold it back until "
+                              "they return or are removed): see `corral swarm ca`")
+        time.sleep(0.2)
+        status = c.get("/v1/swarm/ca")
+    typer.echo(f"rotated TLS certificates: {status['nodes']}/{status['nodes']} nodes")
+    typer.echo("Root CA rotated: every node trusts only the new root.")
 
 
 def write_client_tls(directory: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:

@@ -29,6 +29,7 @@ from corral.daemon.daemon import Daemon, Info
 from corral.daemon.listeners import PEER
 from corral.manager.controlapi import (
     MIN_CERT_EXPIRY,
+    CaStatus,
     CertRequest,
     CertResponse,
     JoinRequest,
@@ -38,7 +39,7 @@ from corral.manager.controlapi import (
 from corral.manager.dispatcher import Assignments, StatusUpdate
 from corral.manager.manager import Manager
 from corral.security.authz import Peer
-from corral.security.pki import NODE_NAME
+from corral.security.pki import NODE_NAME, bundle_digest
 
 
 class InitRequest(Model):
@@ -87,6 +88,7 @@ class ScaleRequest(Model):
 
 class Heartbeat(Model):
     period: float
+    roots: str = ""  # digest of the roots nodes must trust: a change means "renew now"
 
 
 class ExecRequest(Model):
@@ -205,6 +207,14 @@ def make_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/ca/renew")
     async def renew_cert(req: CertRequest, node: AgentNode, mgr: Mgr) -> CertResponse:
         return mgr.control.renew(node.id, req.csr.encode())
+
+    @app.get("/v1/swarm/ca")
+    async def ca_status(mgr: Mgr) -> CaStatus:
+        return mgr.control.ca_status()
+
+    @app.post("/v1/swarm/ca/rotate")
+    async def rotate_ca(mgr: Mgr) -> CaStatus:
+        return mgr.control.rotate_ca()
 
     @app.post("/v1/ca/client")
     async def client_cert(req: CertRequest, mgr: Mgr) -> CertResponse:
@@ -330,7 +340,8 @@ def make_app(daemon: Daemon) -> FastAPI:
     # -- dispatcher (agents) ----------------------------------------------------------------
     @app.post("/v1/dispatcher/heartbeat")
     async def heartbeat(node: AgentNode, mgr: Mgr) -> Heartbeat:
-        return Heartbeat(period=mgr.dispatcher.heartbeat(node))
+        return Heartbeat(period=mgr.dispatcher.heartbeat(node),
+                         roots=bundle_digest(mgr.control.ca.bundle_pem))
 
     @app.post("/v1/dispatcher/status")
     async def status(updates: list[StatusUpdate], node: AgentNode, mgr: Mgr) -> dict[str, str]:

@@ -163,9 +163,9 @@ class Daemon:
             self._listener = None
 
     async def _trust_changed(self) -> None:
-        """The swarm's roots changed: the listener needs a context that trusts the new set."""
-        await self._close_control()
-        await self._open_control()
+        """The swarm's roots changed: new connections get a context that trusts the new set."""
+        if self._listener is not None:
+            self._listener.set_context(self.tls.server_context())
 
     def cluster_id(self) -> str | None:
         return self._cluster_id

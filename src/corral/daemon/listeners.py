@@ -182,6 +182,10 @@ class ControlListener:
             self._serve.result()  # raises what stopped it
         self._accept = asyncio.create_task(self._accept_loop(), name="control-accept")
 
+    def set_context(self, context: ssl.SSLContext) -> None:
+        """Use `context` for new connections (the roots changed); open ones carry on."""
+        self._ctx = context
+
     def _protocol(self) -> asyncio.Protocol:
         cfg = self._server.config
         proto: asyncio.Protocol = cfg.http_protocol_class(  # type: ignore[call-arg]

@@ -18,12 +18,15 @@ from corral.security.pki import CertKey, Role
 class CertificateAuthority:
     """Signs certificates with the current root; tells which roots nodes must trust."""
 
-    ROOT, KEY, BUNDLE = "root.pem", "root-key.pem", "bundle.pem"
+    ROOT, KEY, BUNDLE, CROSS = "root.pem", "root-key.pem", "bundle.pem", "cross.pem"
 
-    def __init__(self, directory: Path | None, root: CertKey, bundle_pem: bytes) -> None:
+    def __init__(self, directory: Path | None, root: CertKey, bundle_pem: bytes,
+                 cross_pem: bytes = b"") -> None:
         self.dir = directory
         self.root = root
         self.bundle_pem = bundle_pem
+        # While rotating: the new root signed by the old one, sent with every certificate.
+        self.cross_pem = cross_pem
 
     @classmethod
     def create(cls, directory: Path | None, cluster_id: str) -> CertificateAuthority:
@@ -41,7 +44,8 @@ class CertificateAuthority:
             bundle = (directory / cls.BUNDLE).read_bytes()
         except FileNotFoundError:
             return None
-        return cls(directory, root, bundle)
+        cross = directory / cls.CROSS
+        return cls(directory, root, bundle, cross.read_bytes() if cross.exists() else b"")
 
     def _save(self) -> None:
         if self.dir is None:  # in memory only (unit tests of the control API)
@@ -49,19 +53,30 @@ class CertificateAuthority:
         write_private(self.dir / self.KEY, self.root.key_pem)
         (self.dir / self.ROOT).write_bytes(self.root.cert_pem)
         (self.dir / self.BUNDLE).write_bytes(self.bundle_pem)
+        if self.cross_pem:
+            (self.dir / self.CROSS).write_bytes(self.cross_pem)
+        else:
+            (self.dir / self.CROSS).unlink(missing_ok=True)
 
     @property
     def digest(self) -> str:
         return pki.ca_digest(self.root.cert_pem)
 
+    @property
+    def key_id(self) -> str:
+        """Which root signs now (hex of its key identifier; nodes record their issuer's)."""
+        return pki.key_id(self.root.cert_pem).hex()
+
     def sign(self, csr_pem: bytes, *, node_id: str, role: Role, cluster_id: str,
              expiry: dt.timedelta) -> bytes:
+        """A certificate (PEM), followed while rotating by the cross-signed new root."""
         return pki.issue(self.root, csr_pem, node_id=node_id, role=role, cluster_id=cluster_id,
-                         expiry=expiry)
+                         expiry=expiry) + self.cross_pem
 
     def begin_rotation(self, cluster_id: str) -> None:
         """A new root signs from now on; both roots are trusted until every node moved over."""
         new = pki.create_root_ca(cluster_id)
+        self.cross_pem = pki.cross_sign(new, self.root)
         self.bundle_pem = self.root.cert_pem + new.cert_pem
         self.root = new
         self._save()
@@ -69,6 +84,7 @@ class CertificateAuthority:
     def finish_rotation(self) -> None:
         """Trust only the current root (every node holds a certificate it signed)."""
         self.bundle_pem = self.root.cert_pem
+        self.cross_pem = b""
         self._save()
 
     @property

@@ -77,6 +77,13 @@ class CertResponse(Model):
     ca: str
 
 
+class CaStatus(Model):
+    digest: str  # of the root that signs now
+    rotating: bool
+    nodes: int
+    rotated: int  # nodes whose certificate the current root signed
+
+
 MIN_CERT_EXPIRY = 5.0  # seconds; docker's minimum is 1h, tests need short-lived certificates
 
 
@@ -141,14 +148,14 @@ class ControlAPI:
         if heartbeat_period <= 0:
             raise InvalidArgument("dispatcher heartbeat period must be positive")
         check_cert_expiry(cert_expiry)
-        node = Node(id=new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
-                    description=NodeDescription(hostname=hostname, addr=addr,
-                                                engine_version=engine_version),
-                    status=NodeStatus(state=NodeState.READY))
         cluster = Cluster(worker_secret=new_join_secret(), manager_secret=new_join_secret(),
                           heartbeat_period=heartbeat_period, cert_expiry=cert_expiry)
         self._ca = CertificateAuthority.create(self.ca_dir, cluster.cluster_id)
         cluster.root_digest = self._ca.digest
+        node = Node(id=new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
+                    description=NodeDescription(hostname=hostname, addr=addr,
+                                                engine_version=engine_version),
+                    status=NodeStatus(state=NodeState.READY), cert_root=self._ca.key_id)
 
         # Swarm's default ingress network: the routing mesh's overlay (used by netns tasks).
         ingress = Network(id=new_id(), spec=NetworkSpec(name="ingress", subnet=INGRESS_SUBNET,
@@ -212,7 +219,7 @@ class ControlAPI:
             node = Node(id=node_id, spec=NodeSpec(role=role),
                         description=NodeDescription(hostname=req.hostname, addr=req.addr,
                                                     engine_version=req.engine_version),
-                        status=NodeStatus(state=NodeState.UNKNOWN))
+                        status=NodeStatus(state=NodeState.UNKNOWN), cert_root=self.ca.key_id)
             return tx.create(node)
         node = self.store.update(write)
         return self._issue_join(node, cluster, csr)
@@ -223,7 +230,47 @@ class ControlAPI:
         if node is None:
             raise NotFound(f"node {node_id} is not part of the swarm")
         cert = self._sign(csr, node.id, node.spec.role, self.cluster())
-        return CertResponse(cert=cert.decode(), ca=self.ca.bundle_pem.decode())
+        root = self.ca.key_id
+
+        def write(tx: WriteTx) -> None:
+            n = tx.get(Node, node_id)
+            if n is not None and n.cert_root != root:
+                tx.update(n.model_copy(update={"cert_root": root}))
+        self.store.update(write)
+        bundle = self.ca.bundle_pem
+        self._maybe_finish_rotation()
+        return CertResponse(cert=cert.decode(), ca=bundle.decode())
+
+    # -- root rotation (`swarm ca --rotate`) ------------------------------------------------
+    def ca_status(self) -> CaStatus:
+        nodes = self.nodes()
+        root = self.ca.key_id
+        return CaStatus(digest=self.ca.digest, rotating=self.ca.rotating, nodes=len(nodes),
+                        rotated=sum(n.cert_root == root for n in nodes))
+
+    def rotate_ca(self) -> CaStatus:
+        """Start moving every node to a new root: nodes learn it with their heartbeats, renew,
+        and once all hold a certificate of the new root, the old one is no longer trusted."""
+        if self.ca.rotating:
+            s = self.ca_status()
+            raise Conflict(f"a root CA rotation is already in progress ({s.rotated} of {s.nodes} "
+                           "nodes moved to the new root)")
+        self.ca.begin_rotation(self.cluster().cluster_id)
+        return self.ca_status()
+
+    def _maybe_finish_rotation(self) -> None:
+        if not self.ca.rotating:
+            return
+        root = self.ca.key_id
+        if any(n.cert_root != root for n in self.nodes()):
+            return
+        self.ca.finish_rotation()
+        digest = self.ca.digest  # join tokens pin the new root from now on
+
+        def write(tx: WriteTx) -> None:
+            c = tx.must_get(Cluster, "default")
+            tx.update(c.model_copy(update={"root_digest": digest}))
+        self.store.update(write)
 
     def client_cert(self, csr: bytes) -> CertResponse:
         """An admin client certificate (the CLI's, for TLS from another machine)."""
@@ -269,6 +316,7 @@ class ControlAPI:
                 f"node {node.hostname} is not down and can't be removed: "
                 "use --force, or run `corral swarm leave` on it first")
         self.store.update(lambda tx: tx.delete(Node, node.id))
+        self._maybe_finish_rotation()  # a removed node no longer holds a rotation back
 
     # -- services --------------------------------------------------------------------------
     def services(self) -> list[Service]:

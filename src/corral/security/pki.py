@@ -86,7 +86,9 @@ def create_root_ca(cluster_id: str, now: dt.datetime | None = None) -> CertKey:
     """A new self-signed root CA for one cluster (EC P-256)."""
     now = now or _now()
     key = new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"corral-ca-{cluster_id[:12]}"),
+    # A fresh name per root: during a rotation two roots (and a cross-signed one) coexist.
+    cn = f"corral-ca-{cluster_id[:12]}-{secrets.token_hex(3)}"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_id)])
     cert = (
         x509.CertificateBuilder()
@@ -226,6 +228,38 @@ def signed_by(cert_pem: bytes, ca_cert_pem: bytes) -> bool:
         return True
     except (ValueError, TypeError, InvalidSignature):
         return False
+
+
+def cross_sign(new_root: CertKey, old_root: CertKey, now: dt.datetime | None = None) -> bytes:
+    """The new root's certificate signed by the old root. Sent along with certificates issued
+    during a root rotation, it lets nodes that still trust only the old root accept them —
+    swarmkit's way to rotate without a moment where nodes cannot talk."""
+    now = now or _now()
+    new_cert = x509.load_pem_x509_certificate(new_root.cert_pem)
+    old_cert = x509.load_pem_x509_certificate(old_root.cert_pem)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(new_cert.subject).issuer_name(old_cert.subject)
+        .public_key(new_cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW).not_valid_after(old_cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(new_cert.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            old_cert.public_key()), critical=False)  # type: ignore[arg-type]
+        .sign(_load_key(old_root.key_pem), hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def bundle_digest(bundle_pem: bytes) -> str:
+    """Names a set of trusted roots (heartbeats carry it: a change means "renew now")."""
+    return hashlib.sha256(bundle_pem).hexdigest()[:16]
 
 
 # -- join tokens ----------------------------------------------------------------------------------
