@@ -176,6 +176,27 @@ def test_service_rm_leaves_no_namespace(swarm: LabSwarm) -> None:
              what="the task namespaces to be deleted")
 
 
+def test_secrets_live_only_in_the_tasks_own_mount_namespace(swarm: LabSwarm) -> None:
+    value = "netns-" + os.urandom(6).hex()
+    swarm.ok("secret", "create", "api_key", "-", input=value)
+    swarm.ok("service", "create", "--name", "vault", "--replicas", "2", "--network", "backend",
+             "--secret", "source=api_key,target=key,mode=0400", "whoami")
+    ids = [t["id"] for t in swarm.running("vault")]
+    for slot in ("1", "2"):
+        r = swarm.ok("service", "exec", f"vault.{slot}", "--", "sh", "-c",
+                     'cat /run/secrets/key; echo; stat -c %a /run/secrets/key; '
+                     'echo "$CORRAL_SECRETS_DIR"; findmnt -n -o FSTYPE /run/secrets')
+        assert r.out.split() == [value, "400", "/run/secrets", "tmpfs"], r.out
+    # Outside the tasks' mount namespaces there is no copy: the host's staging directory was
+    # emptied by the task itself, and /run/secrets on the nodes is an empty mount point.
+    from corral.agent.secrets import secrets_root
+    assert not any((secrets_root() / i).exists() for i in ids)
+    for node in ("node1", "node2", "node3"):
+        assert swarm.exec(node, "sh", "-c", "ls -A /run/secrets").out.strip() == ""
+    swarm.ok("service", "rm", "vault")
+    swarm.ok("secret", "rm", "api_key")
+
+
 def vip_backends(swarm: LabSwarm, vip: str) -> set[str]:
     """The backends the client task's nftables table currently sends `vip` to."""
     client = swarm.running("client")[0]

@@ -222,6 +222,34 @@ def test_root_ca_rotation_moves_every_node_without_downtime(swarm: LabSwarm, tmp
     assert "Traceback" not in daemon_logs(swarm)
 
 
+def test_secrets_reach_only_their_tasks_as_files(swarm: LabSwarm) -> None:
+    value = "s3cr3t-" + os.urandom(8).hex()
+    secret_id = swarm.ok("secret", "create", "db_password", "-", input=value).out.strip()
+    ls = swarm.ok("secret", "ls").out
+    assert "db_password" in ls and value not in ls
+    assert value not in swarm.ok("secret", "inspect", "db_password").out
+    one_line_error(swarm.cli("service", "create", "--name", "nope", "--secret", "missing",
+                             "whoami"), "secret not found: missing")
+    swarm.ok("service", "create", "--name", "app", "--replicas", "2", "--secret", "db_password",
+             "--secret", "source=db_password,target=pw,mode=0400", "whoami")
+    for slot in ("1", "2"):
+        r = swarm.ok("service", "exec", f"app.{slot}", "--", "sh", "-c",
+                     'cat "$CORRAL_SECRETS_DIR/db_password"; echo; '
+                     'stat -c %a "$CORRAL_SECRETS_DIR/pw" "$CORRAL_SECRETS_DIR"')
+        assert r.out.split() == [value, "400", "700"], r.out
+    # Sealed in the store: the manager's database never holds the value in clear.
+    db = Path(swarm.lab.node("node1").data_dir) / "manager"
+    assert all(value.encode() not in f.read_bytes() for f in db.rglob("*") if f.is_file())
+    one_line_error(swarm.cli("secret", "rm", "db_password"), "in use", "app")
+    task_ids = [t["id"] for t in swarm.tasks("app")]
+    swarm.ok("service", "rm", "app")
+    swarm.ok("secret", "rm", secret_id[:12])
+    assert "db_password" not in swarm.ok("secret", "ls").out
+    from corral.agent.secrets import secrets_root
+    wait_for(lambda: not any((secrets_root() / t).exists() for t in task_ids), timeout=15,
+             what="the tasks' secret files to go with them")
+
+
 def test_node_rm_revokes_its_certificate(swarm: LabSwarm) -> None:
     """Last in this module: node3 leaves the swarm for good."""
     n3 = node_tls(swarm, "node3")

@@ -80,6 +80,9 @@ class Controller(Protocol):
 class Executor(Protocol):
     """Makes controllers for tasks and cleans up what a previous daemon left behind."""
 
+    secrets: dict[str, bytes]
+    """Secret values the node's tasks use, by secret id (the agent keeps this current)."""
+
     def controller(self, task: Task) -> Controller:
         """A new controller for `task` (nothing happens until `prepare`)."""
         ...

@@ -10,6 +10,7 @@ manager only changes a task's *desired* state; the runner reacts to it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -320,6 +321,8 @@ class Agent:
 
     async def apply(self, a: Assignments) -> None:
         """Reconcile local task runners and the mesh with a fresh set of assignments."""
+        # Secrets first: a task about to be prepared writes its files from them.
+        self.executor.secrets = {s.id: base64.b64decode(s.data) for s in a.secrets}
         if self.apply_networks is not None:
             # Networks first: a task about to be prepared needs its bridge to exist.
             try:

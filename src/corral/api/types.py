@@ -165,6 +165,23 @@ class HealthConfig(Model):
     start_period: float = Field(default=0.0, ge=0)
 
 
+SECRET_NAME = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$"
+MAX_SECRET_SIZE = 500 * 1024  # docker's limit
+
+
+class SecretReference(Model):
+    """A secret a service's tasks get as a file (docker's --secret source=…,target=…,mode=…)."""
+
+    secret_name: str = Field(min_length=1, max_length=64, pattern=SECRET_NAME)
+    secret_id: str = ""  # resolved by the manager when the service is created or updated
+    target: str = Field(default="", max_length=64, pattern=r"^$|^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+    mode: int = Field(default=0o444, ge=0, le=0o777)
+
+    @property
+    def file_name(self) -> str:
+        return self.target or self.secret_name
+
+
 class ContainerSpec(Model):
     """What a task runs. With the process runtime, `image` names a built-in app or an executable."""
 
@@ -174,6 +191,7 @@ class ContainerSpec(Model):
     env: list[Annotated[str, Field(pattern=r"^[^=]+=")]] = Field(default_factory=list)  # "K=V"
     stop_grace_period: float = Field(default=10.0, ge=0)
     healthcheck: HealthConfig | None = None
+    secrets: list[SecretReference] = Field(default_factory=list)
 
 
 class UpdateConfig(Model):
@@ -380,4 +398,20 @@ class Cluster(Model):
     task_history_limit: int = 5
 
 
-StoredObject = Node | Service | Task | Cluster | Network
+class SecretSpec(Model):
+    name: str = Field(min_length=1, max_length=64, pattern=SECRET_NAME)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Secret(Model):
+    """A secret value, sealed with the manager's key (it is never stored or listed in clear)."""
+
+    id: str
+    version: int = 0
+    created_at: float = Field(default_factory=now)
+    spec: SecretSpec
+    sealed: str = ""  # base64(nonce + AES-256-GCM ciphertext)
+    size: int = 0
+
+
+StoredObject = Node | Service | Task | Cluster | Network | Secret

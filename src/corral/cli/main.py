@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from corral.api.errors import CorralError
 from corral.cli import lab as lab_cli
 from corral.cli import network as network_cli
+from corral.cli import secret as secret_cli
 from corral.cli import node as node_cli
 from corral.cli import service as service_cli
 from corral.cli import swarm as swarm_cli
@@ -27,6 +28,7 @@ app.add_typer(swarm_cli.app, name="swarm")
 app.add_typer(node_cli.app, name="node")
 app.add_typer(service_cli.app, name="service")
 app.add_typer(network_cli.app, name="network")
+app.add_typer(secret_cli.app, name="secret")
 app.add_typer(lab_cli.app, name="lab")
 
 

@@ -10,8 +10,10 @@ import os
 import re
 from typing import Literal, cast
 
+from pydantic import ValidationError
+
 from corral.api.errors import InvalidArgument
-from corral.api.types import PortConfig
+from corral.api.types import PortConfig, SecretReference
 
 __all__ = [
     "check_port_conflicts",
@@ -153,6 +155,33 @@ def parse_label(values: list[str]) -> dict[str, str]:
             raise InvalidArgument(f'invalid label "{val}": empty name')
         labels[key] = v
     return labels
+
+
+def parse_secret(value: str) -> SecretReference:
+    """docker's --secret: `NAME`, or `source=NAME[,target=FILE][,mode=0400]`."""
+    if "=" not in value:
+        fields = {"source": value}
+    else:
+        fields = {}
+        for part in value.split(","):
+            key, sep, v = part.partition("=")
+            if not sep or key not in ("source", "src", "target", "mode", "uid", "gid"):
+                raise InvalidArgument(f"invalid --secret {value!r}: expected NAME or "
+                                      "source=NAME[,target=FILE][,mode=0400]")
+            fields["source" if key == "src" else key] = v
+    if not fields.get("source"):
+        raise InvalidArgument(f"invalid --secret {value!r}: no source secret")
+    try:
+        mode = int(fields.get("mode", "0444"), 8)
+    except ValueError:
+        raise InvalidArgument(f"invalid --secret mode {fields['mode']!r}: an octal mode like "
+                              "0400") from None
+    try:
+        return SecretReference(secret_name=fields["source"], target=fields.get("target", ""),
+                               mode=mode)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidArgument(f"invalid --secret {value!r}: {err['loc'][0]}: {err['msg']}") from None
 
 
 # --------------------------------------------------------------------------- durations

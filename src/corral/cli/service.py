@@ -25,7 +25,14 @@ from corral.api.types import (
     TaskState,
 )
 from corral.cli.context import client, echo_json, print_table
-from corral.cli.parse import check_port_conflicts, parse_duration, parse_env, parse_label, parse_publish
+from corral.cli.parse import (
+    check_port_conflicts,
+    parse_duration,
+    parse_env,
+    parse_label,
+    parse_publish,
+    parse_secret,
+)
 from corral.cli import specflags as sf
 from corral.cli.progress import nodes_of, run_operation, tasks_of
 from corral.cli.render import service_ls_rows, service_ps_rows, to_json_lines
@@ -58,6 +65,8 @@ def create(
     constraint: Annotated[Optional[list[str]], typer.Option(help="Placement constraint")] = None,
     replicas_max_per_node: Annotated[int, typer.Option(help="Maximum tasks per node (0 = unlimited)")] = 0,
     network: Annotated[Optional[list[str]], typer.Option(help="Attach to an overlay network")] = None,
+    secret: Annotated[Optional[list[str]], typer.Option(
+        help="Give tasks a secret as a file: NAME or source=NAME,target=FILE,mode=0400")] = None,
     endpoint_mode: Annotated[str, typer.Option(help="vip or dnsrr")] = "vip",
     restart_condition: Annotated[str, typer.Option(help="any, on-failure or none")] = "any",
     restart_delay: Annotated[str, typer.Option(help="Delay between restart attempts")] = "5s",
@@ -113,7 +122,8 @@ def create(
         name=name or f"{image.split('/')[-1].split(':')[0]}-{int(time.time()) % 100000}",
         labels=parse_label(label or []),
         task=ContainerSpec(image=image, args=command or [], env=parse_env(env or []),
-                           stop_grace_period=parse_duration(stop_grace_period)),
+                           stop_grace_period=parse_duration(stop_grace_period),
+                           secrets=[parse_secret(x) for x in secret or []]),
         mode=ServiceMode(mode),
         replicas=1 if replicas is None else replicas,
         restart_policy=RestartPolicy(condition=RestartCondition(restart_condition),
@@ -293,6 +303,9 @@ def update(
     replicas: Annotated[Optional[int], typer.Option(help="Number of tasks")] = None,
     env_add: Annotated[Optional[list[str]], typer.Option(help="Add or update an environment variable")] = None,
     env_rm: Annotated[Optional[list[str]], typer.Option(help="Remove an environment variable")] = None,
+    secret_add: Annotated[Optional[list[str]], typer.Option(
+        help="Add or replace a secret (NAME or source=NAME,target=FILE,mode=0400)")] = None,
+    secret_rm: Annotated[Optional[list[str]], typer.Option(help="Remove a secret (its NAME)")] = None,
     publish_add: Annotated[Optional[list[str]], typer.Option(help="Add or update a published port")] = None,
     publish_rm: Annotated[Optional[list[str]], typer.Option(help="Remove a published port by its published port")] = None,
     constraint_add: Annotated[Optional[list[str]], typer.Option(help="Add a placement constraint")] = None,
@@ -341,6 +354,14 @@ def update(
         task = task.model_copy(update={"env": kept + parse_env(env_add or [])})
     if stop_grace_period is not None:
         task = task.model_copy(update={"stop_grace_period": parse_duration(stop_grace_period)})
+    if secret_add or secret_rm:
+        added = [parse_secret(x) for x in secret_add or []]
+        unknown = set(secret_rm or []) - {r.secret_name for r in task.secrets}
+        if unknown:
+            raise InvalidArgument(f"--secret-rm: the service has no secret {sorted(unknown)[0]}")
+        drop = set(secret_rm or []) | {r.secret_name for r in added}
+        remaining = [r for r in task.secrets if r.secret_name not in drop]
+        task = task.model_copy(update={"secrets": remaining + added})
     ports = list(spec.ports)
     if publish_rm:
         gone = {int(p.split("/")[0].split(":")[0]) for p in publish_rm if p.split("/")[0].split(":")[0].isdigit()}

@@ -4,6 +4,7 @@ control API, and the dispatcher endpoints agents use."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Annotated
 
 import httpx
@@ -21,6 +22,8 @@ from corral.api.types import (
     NetworkSpec,
     Node,
     NodeRole,
+    Secret,
+    SecretSpec,
     Service,
     ServiceSpec,
     Task,
@@ -47,6 +50,25 @@ class InitRequest(Model):
     heartbeat_period: float = Field(default=1.0, gt=0, le=600)
     cert_expiry: float = Field(default=Cluster.model_fields["cert_expiry"].default,
                                ge=MIN_CERT_EXPIRY)
+
+
+class SecretInfo(Model):
+    """A secret as the API shows it: never its value."""
+
+    id: str
+    version: int
+    created_at: float
+    spec: SecretSpec
+    size: int
+
+    @classmethod
+    def of(cls, s: Secret) -> SecretInfo:
+        return cls(id=s.id, version=s.version, created_at=s.created_at, spec=s.spec, size=s.size)
+
+
+class SecretCreate(Model):
+    spec: SecretSpec
+    data: str  # base64
 
 
 class CaResponse(Model):
@@ -291,6 +313,26 @@ def make_app(daemon: Daemon) -> FastAPI:
     @app.delete("/v1/services/{ref}")
     async def remove_service(ref: str, mgr: Mgr) -> Service:
         return mgr.control.remove_service(ref)
+
+    @app.get("/v1/secrets")
+    async def secrets(mgr: Mgr) -> list[SecretInfo]:
+        return [SecretInfo.of(x) for x in mgr.control.secrets()]
+
+    @app.post("/v1/secrets")
+    async def create_secret(req: SecretCreate, mgr: Mgr) -> SecretInfo:
+        try:
+            data = base64.b64decode(req.data, validate=True)
+        except ValueError:
+            raise InvalidArgument("secret data must be base64") from None
+        return SecretInfo.of(mgr.control.create_secret(req.spec, data))
+
+    @app.get("/v1/secrets/{ref}")
+    async def secret(ref: str, mgr: Mgr) -> SecretInfo:
+        return SecretInfo.of(mgr.control.secret(ref))
+
+    @app.delete("/v1/secrets/{ref}")
+    async def remove_secret(ref: str, mgr: Mgr) -> SecretInfo:
+        return SecretInfo.of(mgr.control.remove_secret(ref))
 
     @app.get("/v1/tasks")
     async def tasks(mgr: Mgr, service: str | None = None, node: str | None = None) -> list[Task]:

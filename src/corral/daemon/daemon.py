@@ -301,13 +301,13 @@ class Daemon:
         if runner is None or runner.state is not TaskState.RUNNING:
             raise NotFound(f"task {task_id} is not running on this node")
         argv = list(cmd)
-        netns = runner.ctl.netns
-        if netns is not None:
-            argv = ["ip", "netns", "exec", netns, *argv]
+        if runner.ctl.netns is not None and runner.ctl.pid:
+            # The task's network and mount namespaces: what it sees (/run/secrets included).
+            argv = ["nsenter", "-t", str(runner.ctl.pid), "--net", "--mount", *argv]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, env=runner.ctl.environment())
         except OSError as exc:
             raise InvalidArgument(f"cannot run {cmd[0]}: {exc.strerror or exc}") from None
         try:

@@ -19,6 +19,7 @@ from corral.api.types import (
     MAX_REPLICAS,
     Cluster,
     Model,
+    MAX_SECRET_SIZE,
     Network,
     NetworkSpec,
     Node,
@@ -28,6 +29,9 @@ from corral.api.types import (
     NodeSpec,
     NodeState,
     NodeStatus,
+    Secret,
+    SecretReference,
+    SecretSpec,
     Service,
     ServiceMode,
     ServiceSpec,
@@ -40,6 +44,7 @@ from corral.manager.constraints import parse_constraints
 from corral.manager.ipam import check_overlap, gateway_of, parse_subnet
 from corral.manager.updater import rollback
 from corral.manager.ca import CertificateAuthority
+from corral.manager.secretbox import SecretBox
 from corral.security.pki import DEFAULT_CERT_EXPIRY, JoinToken, Role, new_join_secret
 from corral.store.base import ReadTx, Store, WriteTx
 
@@ -99,10 +104,11 @@ class NodeUpdate(Model):
     label_rm: list[str] = Field(default_factory=list)
 
 
-Named = Node | Service | Network
+Named = Node | Service | Network | Secret
 
 
-def resolve(objs: list[Node] | list[Service] | list[Network], ref: str, what: str) -> Named:
+def resolve(objs: list[Node] | list[Service] | list[Network] | list[Secret], ref: str,
+            what: str) -> Named:
     """Find by full ID, by name, then by unique ID prefix — docker's lookup order."""
     def name(o: Named) -> str:
         return o.description.hostname if isinstance(o, Node) else o.spec.name
@@ -129,10 +135,12 @@ def _task_changes(old: ServiceSpec, new: ServiceSpec) -> bool:
 class ControlAPI:
     """Cluster operations on behalf of users and joining nodes."""
 
-    def __init__(self, store: Store, ca_dir: Path | None = None) -> None:
+    def __init__(self, store: Store, ca_dir: Path | None = None,
+                 box: SecretBox | None = None) -> None:
         self.store = store
         self.ca_dir = ca_dir
         self._ca = CertificateAuthority.load(ca_dir)
+        self.box = box or SecretBox.at(None)
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -370,6 +378,22 @@ class ControlAPI:
         self.store.update(write)
         return net
 
+    def _resolve_secrets(self, spec: ServiceSpec, view: ReadTx) -> ServiceSpec:
+        """The spec with each secret reference pointing at a secret's ID (refusing unknown
+        secrets and two secrets in one file)."""
+        refs: list[SecretReference] = []
+        files: set[str] = set()
+        for ref in spec.task.secrets:
+            named = [x for x in view.all(Secret) if x.spec.name == ref.secret_name]
+            if not named:
+                raise InvalidArgument(f"secret not found: {ref.secret_name}")
+            if ref.file_name in files:
+                raise InvalidArgument(f"duplicate secret target {ref.file_name}")
+            files.add(ref.file_name)
+            refs.append(ref.model_copy(update={"secret_id": named[0].id}))
+        task = spec.task.model_copy(update={"secrets": refs})
+        return spec.model_copy(update={"task": task})
+
     def _resolve_networks(self, spec: ServiceSpec, view: ReadTx) -> ServiceSpec:
         """The spec with network names turned into IDs (refusing unknown and ingress)."""
         ids: list[str] = []
@@ -414,7 +438,7 @@ class ControlAPI:
 
     def create_service(self, spec: ServiceSpec) -> Service:
         def write(tx: WriteTx) -> Service:
-            resolved = self._resolve_networks(spec, tx)
+            resolved = self._resolve_secrets(self._resolve_networks(spec, tx), tx)
             self._validate(resolved, tx)
             return tx.create(Service(id=new_id(), spec=resolved))
         return self.store.update(write)
@@ -425,7 +449,7 @@ class ControlAPI:
 
         def write(tx: WriteTx) -> Service:
             current = tx.must_get(Service, svc.id)
-            resolved = self._resolve_networks(spec, tx)
+            resolved = self._resolve_secrets(self._resolve_networks(spec, tx), tx)
             self._validate(resolved, tx, own_id=current.id)
             if resolved.mode is not current.spec.mode:
                 raise InvalidArgument("service mode cannot be changed by an update")
@@ -483,6 +507,47 @@ class ControlAPI:
                     tx.update(t.model_copy(update={"desired_state": TaskState.REMOVE}))
         self.store.update(write)
         return svc
+
+    # -- secrets -------------------------------------------------------------------------
+    def secrets(self) -> list[Secret]:
+        return self.store.view().all(Secret)
+
+    def secret(self, ref: str) -> Secret:
+        found = resolve(self.secrets(), ref, "secret")
+        assert isinstance(found, Secret)
+        return found
+
+    def create_secret(self, spec: SecretSpec, data: bytes) -> Secret:
+        if not data:
+            raise InvalidArgument("secret data is empty")
+        if len(data) > MAX_SECRET_SIZE:
+            raise InvalidArgument(f"secret data is too large ({len(data)} bytes; at most "
+                                  f"{MAX_SECRET_SIZE // 1024} KB)")
+        secret_id = new_id()
+        secret = Secret(id=secret_id, spec=spec, sealed=self.box.seal(data, secret_id),
+                        size=len(data))
+
+        def write(tx: WriteTx) -> Secret:
+            if any(x.spec.name == spec.name for x in tx.all(Secret)):
+                raise Conflict(f"secret {spec.name} already exists")
+            return tx.create(secret)
+        return self.store.update(write)
+
+    def remove_secret(self, ref: str) -> Secret:
+        secret = self.secret(ref)
+
+        def write(tx: WriteTx) -> None:
+            users = sorted(s.spec.name for s in tx.all(Service)
+                           if any(r.secret_id == secret.id for r in s.spec.task.secrets))
+            if users:
+                raise InvalidArgument(f"secret {secret.spec.name} is in use by the following "
+                                      f"service: {', '.join(users)}")
+            tx.delete(Secret, secret.id)
+        self.store.update(write)
+        return secret
+
+    def open_secret(self, secret: Secret) -> bytes:
+        return self.box.open(secret.sealed, secret.id)
 
     def tasks(self, service_ref: str | None = None, node_ref: str | None = None) -> list[Task]:
         view = self.store.view()

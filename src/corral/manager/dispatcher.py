@@ -11,8 +11,10 @@ The manager writes desired state; the agent's reports only ever move observed st
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import Field
@@ -26,11 +28,12 @@ from corral.api.types import (
     NodeState,
     NodeStatus,
     PortConfig,
+    Secret,
     Service,
     Task,
     TaskState,
 )
-from corral.store.base import Store, WriteTx
+from corral.store.base import ReadTx, Store, WriteTx
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,11 @@ class ServiceEndpoint(Model):
     tasks: list[TaskEndpoint]
 
 
+class TaskSecret(Model):
+    id: str
+    data: str  # base64
+
+
 class Assignments(Model):
     """What an agent should run, and what its mesh should route, as of `version`."""
 
@@ -98,6 +106,9 @@ class Assignments(Model):
     services: list[ServiceEndpoint] = Field(default_factory=list)
     # Host-mode published ports of this node's own running tasks (no mesh, node-local).
     host_endpoints: list[Endpoint] = Field(default_factory=list)
+    # The secrets this node's tasks use — only those (swarmkit sends no other), in clear:
+    # the session is mutual TLS.
+    secrets: list[TaskSecret] = Field(default_factory=list)
 
 
 @dataclass
@@ -108,8 +119,9 @@ class _Session:
 class Dispatcher:
     """Keeps agent sessions and turns store state into per-node assignments."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, open_secret: Callable[[Secret], bytes] | None = None) -> None:
         self.store = store
+        self._open_secret = open_secret
         # Unique per manager run: an agent still holding a version from before a manager
         # restart must see "changed", not wait for a counter to catch up with it.
         self.version = int(time.time() * 1000)
@@ -221,7 +233,20 @@ class Dispatcher:
                            heartbeat_period=self.period,
                            networks=network_infos(node_id, view.all(Network), nodes, all_tasks),
                            services=service_endpoints(services, all_tasks, nodes),
-                           host_endpoints=host_endpoints(tasks, nodes))
+                           host_endpoints=host_endpoints(tasks, nodes),
+                           secrets=self._secrets_for(tasks, view))
+
+    def _secrets_for(self, tasks: list[Task], view: ReadTx) -> list[TaskSecret]:
+        wanted = {r.secret_id for t in tasks if t.desired_state <= TaskState.RUNNING
+                  for r in t.spec.secrets}
+        out = []
+        for secret_id in sorted(wanted):
+            secret = view.get(Secret, secret_id)
+            if secret is None or self._open_secret is None:
+                continue  # removed meanwhile: the task fails to start and says why
+            out.append(TaskSecret(id=secret_id,
+                                  data=base64.b64encode(self._open_secret(secret)).decode()))
+        return out
 
 
 def routable(task: Task, nodes: dict[str, Node]) -> bool:

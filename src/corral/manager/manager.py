@@ -11,6 +11,7 @@ from corral.manager.allocator import Allocator
 from corral.manager.controlapi import ControlAPI
 from corral.manager.dispatcher import Dispatcher
 from corral.manager.orchestrator import Orchestrator
+from corral.manager.secretbox import SecretBox
 from corral.manager.scheduling import Scheduler
 from corral.manager.updater import Updater
 from corral.store.base import Store
@@ -22,10 +23,11 @@ log = logging.getLogger(__name__)
 class Manager:
     """Owns the store and runs every manager component as a task of one group."""
 
-    def __init__(self, store: Store, ca_dir: Path | None = None) -> None:
+    def __init__(self, store: Store, ca_dir: Path | None = None,
+                 box: SecretBox | None = None) -> None:
         self.store = store
-        self.control = ControlAPI(store, ca_dir)
-        self.dispatcher = Dispatcher(store)
+        self.control = ControlAPI(store, ca_dir, box)
+        self.dispatcher = Dispatcher(store, self.control.open_secret)
         self.components = [Orchestrator(store), Allocator(store), Scheduler(store), Updater(store)]
         self._task: asyncio.Task[None] | None = None
 
@@ -33,7 +35,8 @@ class Manager:
     def open(cls, data_dir: Path) -> Manager:
         store = SQLiteStore(data_dir / "manager" / "store.db")
         store.open()
-        return cls(store, data_dir / "manager" / "ca")
+        return cls(store, data_dir / "manager" / "ca",
+                   SecretBox.at(data_dir / "manager" / "secrets.key"))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="manager")

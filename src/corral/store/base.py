@@ -16,9 +16,9 @@ from enum import Enum
 from typing import TypeVar
 
 from corral.api.errors import Conflict, NotFound, SequenceConflict
-from corral.api.types import Cluster, Network, Node, Service, StoredObject, Task
+from corral.api.types import Cluster, Network, Node, Secret, Service, StoredObject, Task
 
-Obj = TypeVar("Obj", Node, Service, Task, Cluster, Network)
+Obj = TypeVar("Obj", Node, Service, Task, Cluster, Network, Secret)
 T = TypeVar("T")
 
 KINDS: dict[str, type[StoredObject]] = {
@@ -27,6 +27,7 @@ KINDS: dict[str, type[StoredObject]] = {
     "task": Task,
     "cluster": Cluster,
     "network": Network,
+    "secret": Secret,
 }
 
 

@@ -55,12 +55,14 @@ class LabSwarm:
                     CORRAL_CERT_PATH=str(self.lab.tls_dir), COLUMNS="200")
 
     def cli(self, *args: str, host: str | None = None, timeout: float = 60.0,
-            env: dict[str, str] | None = None) -> CLIResult:
-        """Run `corral ARGS` against the lab (node1 unless `host` is given)."""
+            env: dict[str, str] | None = None, input: str | None = None) -> CLIResult:
+        """Run `corral ARGS` against the lab (node1 unless `host` is given); `input` is fed
+        to its stdin."""
         e = self.env(host)
         e.update(env or {})
         p = subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True,
-                           timeout=timeout, env=e, stdin=subprocess.DEVNULL)
+                           timeout=timeout, env=e, input=input,
+                           stdin=subprocess.DEVNULL if input is None else None)
         return CLIResult(p.returncode, p.stdout, p.stderr)
 
     def ok(self, *args: str, **kw: Any) -> CLIResult:

@@ -15,6 +15,7 @@ from pathlib import Path
 from corral.agent.exec import TaskEnv, TaskRejected
 from corral.agent.overlay import NodeOverlay
 from corral.agent.runtimes.process import ProcessController, ProcessExecutor, resolve_image
+from corral.agent.secrets import TASK_SECRETS_DIR
 from corral.api.types import Task
 from corral.host.netlink import HostNetwork, delete_netns, netns_exists
 
@@ -25,6 +26,17 @@ DEFAULT_PORT = 80
 def target_port(task: Task) -> int:
     """Where the task listens: its first published port's target (80 if it publishes none)."""
     return task.ports[0].target_port if task.ports else DEFAULT_PORT
+
+
+def secrets_mount_argv(host_dir: Path, argv: list[str]) -> list[str]:
+    """Run `argv` in its own mount namespace with its secrets on a private tmpfs at
+    /run/secrets: the task moves them there, deletes the host's copy, then becomes `argv` —
+    from then on the values exist only where the task can see them."""
+    Path(TASK_SECRETS_DIR).mkdir(parents=True, exist_ok=True)  # the mount point, empty
+    script = (f'mount -t tmpfs -o mode=0755,size=2m corral-secrets {TASK_SECRETS_DIR} && '
+              f'cp -Rp "$0"/. {TASK_SECRETS_DIR}/ && rm -rf "$0" && exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+            str(host_dir), *argv]
 
 
 class NetnsController(ProcessController):
@@ -57,6 +69,8 @@ class NetnsController(ProcessController):
     def environment(self) -> dict[str, str]:
         env = super().environment()
         env.update(PORT=str(target_port(self._task)), HOST="0.0.0.0")
+        if "CORRAL_SECRETS_DIR" in env:
+            env["CORRAL_SECRETS_DIR"] = TASK_SECRETS_DIR
         return env
 
     async def prepare(self) -> None:
@@ -81,6 +95,8 @@ class NetnsController(ProcessController):
         await overlay.task_started(self._task.id, self.netns,
                                    [a.network_id for a in self._task.networks])
         argv = self._argv or resolve_image(self._task.spec.image)
+        if self.secrets_dir is not None:
+            argv = secrets_mount_argv(self.secrets_dir, argv)
         self._argv = ["ip", "netns", "exec", self.netns, *argv]
 
     async def remove(self) -> None:

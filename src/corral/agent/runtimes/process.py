@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.agent.exec import TaskEnv, TaskFailed, TaskRejected
+from corral.agent.secrets import remove_task_secrets, secrets_root, write_task_secrets
 from corral.api.types import Task
 
 BUILTIN_APPS: dict[str, str] = {"whoami": "corral.apps.whoami"}
@@ -179,6 +180,8 @@ class ProcessController:
             CORRAL_NODE_ID=env.node_id,
             PYTHONUNBUFFERED="1",
         )
+        if self.secrets_dir is not None:
+            out["CORRAL_SECRETS_DIR"] = str(self.secrets_dir)
         for entry in task.spec.env:
             key, sep, value = entry.partition("=")
             if not key:
@@ -189,9 +192,19 @@ class ProcessController:
                 out[key] = os.environ[key]
         return out
 
+    @property
+    def secrets_dir(self) -> Path | None:
+        """Where the task's secret files are written (None: it has none)."""
+        if not self._task.spec.secrets:
+            return None
+        return self._executor.secrets_root / self._task.id
+
     async def prepare(self) -> None:
         """Resolve the image, allocate a free port and create the task dir and log files."""
         spec = self._task.spec
+        if spec.secrets:
+            write_task_secrets(self._executor.secrets_root, self._task.id, spec.secrets,
+                               self._executor.secrets)
         self._argv = resolve_image(spec.image) + list(spec.command) + list(spec.args)
         if self._port == 0:
             host = [p for p in self._task.ports if p.publish_mode == "host"]
@@ -266,6 +279,8 @@ class ProcessController:
         """Stop the process if it still runs and delete the pid file (logs are kept)."""
         await self.shutdown(0)
         self._forget_pid()
+        if self._task.spec.secrets:
+            remove_task_secrets(self._executor.secrets_root, self._task.id)
 
     def _forget_pid(self) -> None:
         """Delete the pid file: the process is gone."""
@@ -280,6 +295,9 @@ class ProcessExecutor:
         self.data_dir = Path(data_dir)
         self.env = env
         self.tasks_dir = self.data_dir / "tasks"
+        # Secret values this node's tasks use (id -> value), as the last assignments said.
+        self.secrets: dict[str, bytes] = {}
+        self.secrets_root = secrets_root()
 
     def task_dir(self, task_id: str) -> Path:
         """The directory of one task (refuses ids that would escape `tasks_dir`)."""
