@@ -45,7 +45,12 @@ async def keep_certificate(session: ManagerSession, tls: NodeTLS,
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # manager unreachable: try again soon, the old one still works
-            log.warning("certificate renewal failed, will retry: %s", exc)
+            if tls.identity().remaining().total_seconds() < 0:
+                log.error("this node's certificate expired at %s and no manager accepts it any "
+                          "more: run `corral swarm leave` and join again with a token",
+                          tls.identity().not_after.isoformat(timespec="seconds"))
+            else:
+                log.warning("certificate renewal failed, will retry: %r", exc)
         # Wake up early when a heartbeat says the swarm's roots changed (a CA rotation).
         try:
             await asyncio.wait_for(session.roots_changed.wait(), check_interval(tls))
