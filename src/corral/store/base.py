@@ -198,11 +198,14 @@ class Store:
         if tx.events:
             self._persist(tx.events)
             self._tables = staged
-            for w in list(self._watches):
-                for ev in tx.events:
-                    if w.kinds is None or ev.kind in w.kinds:
-                        w.queue.put_nowait(ev)
+            self._notify(tx.events)
         return result
+
+    def _notify(self, events: list[Event]) -> None:
+        for w in list(self._watches):
+            for ev in events:
+                if w.kinds is None or ev.kind in w.kinds:
+                    w.queue.put_nowait(ev)
 
     def watch(self, *kinds: str) -> Watch:
         """Subscribe to committed events of the given kinds (all kinds if none given)."""
