@@ -323,6 +323,8 @@ class Agent:
         """Reconcile local task runners and the mesh with a fresh set of assignments."""
         # Secrets first: a task about to be prepared writes its files from them.
         self.executor.secrets = {s.id: base64.b64decode(s.data) for s in a.secrets}
+        if a.managers:
+            self.session.set_managers(a.managers)
         if self.apply_networks is not None:
             # Networks first: a task about to be prepared needs its bridge to exist.
             try:

@@ -31,6 +31,9 @@ def up(nodes: Annotated[int, typer.Option(help="Number of nodes")] = 3,
            help=f"The --netns lab's subnet: bridge .1, node1 .11, … [default: {DEFAULT_SUBNET}]")] = None,
        cert_expiry: Annotated[Optional[str], typer.Option(
            help="Node certificates' lifetime (they renew at half of it) [default: 90 days]")] = None,
+       managers: Annotated[int, typer.Option(help="How many nodes are managers (node1…)")] = 1,
+       store: Annotated[str, typer.Option(
+           help="sqlite (one manager) or etcd (a member on each manager node)")] = "sqlite",
        dir: LabDir = None) -> None:
     """Start N daemons on loopback addresses (or in network namespaces) and form a swarm."""
     if netns and base_addr is not None:
@@ -40,7 +43,8 @@ def up(nodes: Annotated[int, typer.Option(help="Number of nodes")] = 3,
     lab = Lab(dir)
     lab.up(nodes, base_addr or DEFAULT_BASE_ADDR, parse_duration(heartbeat), progress=typer.echo,
            netns=netns, subnet=subnet or DEFAULT_SUBNET,
-           cert_expiry=parse_duration(cert_expiry) if cert_expiry else None)
+           cert_expiry=parse_duration(cert_expiry) if cert_expiry else None,
+           managers=managers, store=store)
     first = lab.nodes[0]
     where = f" in network namespaces on bridge {lab.bridge}" if lab.netns else ""
     typer.echo(f"Lab swarm up: {len(lab.nodes)} nodes ({', '.join(n.addr for n in lab.nodes)}){where}.")

@@ -30,8 +30,7 @@ def ls(ctx: typer.Context, quiet: Quiet = False, format: Format = None) -> None:
     elif format == "json":
         typer.echo(to_json_lines(nodes))
     else:
-        # One manager today: the one answering is the leader.
-        leader = info["swarm"]["node_id"] if info["swarm"]["is_manager"] else ""
+        leader = info["swarm"].get("leader_id", "")
         print_table(*node_ls_rows(nodes, info["swarm"]["node_id"], leader))
 
 

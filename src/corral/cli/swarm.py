@@ -33,12 +33,20 @@ def init(ctx: typer.Context,
              help="Agent heartbeat period (a node is down after 3 missed)")] = "1s",
          cert_expiry: Annotated[str, typer.Option(
              help="Validity period for node certificates (they renew by themselves)")] = "2160h",
+         store: Annotated[str, typer.Option(
+             help="Where the store lives: sqlite (this manager) or etcd (several managers)")] = "sqlite",
+         etcd_endpoints: Annotated[Optional[str], typer.Option(
+             help="With --store etcd: HOST:PORT[,HOST:PORT…] of the etcd cluster")] = None,
          ) -> None:
     """Initialize a swarm: this node becomes its manager and its certificate authority."""
     period = parse_duration(dispatcher_heartbeat)
     r = client(ctx).post("/v1/swarm/init", {"advertise_addr": advertise_addr,
                                             "heartbeat_period": period,
-                                            "cert_expiry": parse_duration(cert_expiry)})
+                                            "cert_expiry": parse_duration(cert_expiry),
+                                            "store": store,
+                                            "etcd_endpoints": [e.strip() for e in
+                                                               (etcd_endpoints or "").split(",")
+                                                               if e.strip()]})
     typer.echo(f"Swarm initialized: current node ({r['node_id']}) is now a manager.\n")
     typer.echo(_join_hint(r["worker_token"], r["manager_addr"], "worker"))
     typer.echo("To add a manager to this swarm, run 'corral swarm join-token manager' and "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Annotated
+from typing import Annotated, Literal
 
 import httpx
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -50,6 +50,9 @@ class InitRequest(Model):
     heartbeat_period: float = Field(default=1.0, gt=0, le=600)
     cert_expiry: float = Field(default=Cluster.model_fields["cert_expiry"].default,
                                ge=MIN_CERT_EXPIRY)
+    # Where the store lives: this manager's SQLite, or etcd (then more managers can join).
+    store: Literal["sqlite", "etcd"] = "sqlite"
+    etcd_endpoints: list[str] = Field(default_factory=list)
 
 
 class SecretInfo(Model):
@@ -193,8 +196,12 @@ def make_app(daemon: Daemon) -> FastAPI:
 
     @app.post("/v1/swarm/init")
     async def swarm_init(req: InitRequest) -> InitResponse:
+        if req.store == "etcd" and not req.etcd_endpoints:
+            raise InvalidArgument("--store etcd needs --etcd-endpoints HOST:PORT[,HOST:PORT…]")
+        if req.store == "sqlite" and req.etcd_endpoints:
+            raise InvalidArgument("--etcd-endpoints needs --store etcd")
         node_id, token = await daemon.init_swarm(req.advertise_addr, req.heartbeat_period,
-                                                 req.cert_expiry)
+                                                 req.cert_expiry, req.etcd_endpoints or None)
         assert daemon.identity is not None
         return InitResponse(node_id=node_id, worker_token=token,
                             manager_addr=daemon.identity.manager_addr)

@@ -22,7 +22,7 @@ from corral.agent.session import MANAGER_NAME, ManagerSession
 from corral.agent.overlay import NodeOverlay
 from corral.agent.worker import Agent
 from corral.api.errors import CorralError, InvalidArgument, NotFound, NotInSwarm, NotManager
-from corral.api.types import API_PORT, Model, Node, NodeRole, TaskState
+from corral.api.types import API_PORT, Model, Node, NodeRole, TaskState, new_id
 from corral.daemon.config import DaemonConfig
 from corral.daemon.listeners import ASGIApp, ControlListener
 from corral.host.conntrack import flush_udp_flows
@@ -45,7 +45,8 @@ from corral.dataplane.ingress import IngressMesh
 from corral.dataplane.worker import encode as encode_update
 from corral.manager.controlapi import JoinRequest, JoinResponse
 from corral.manager.dispatcher import Assignments, Endpoint
-from corral.manager.manager import Manager
+from corral.manager.manager import Manager, install_manager_keys, save_etcd_endpoints
+from corral.store.etcd import check_etcd_is_free
 from corral.security.nodetls import NodeTLS
 from corral.security.pki import (
     JoinToken,
@@ -66,6 +67,9 @@ class SwarmInfo(Model):
     role: str = ""
     manager_addr: str = ""
     is_manager: bool = False
+    is_leader: bool = False
+    leader_id: str = ""  # the leading manager's node (with several managers on etcd)
+    leader_addr: str = ""
 
 
 class Info(Model):
@@ -137,7 +141,7 @@ class Daemon:
             self.identity = None
         if self.identity is not None:
             if self.identity.role is NodeRole.MANAGER:
-                self.manager = Manager.open(self.data_dir)
+                self.manager = Manager.open(self.data_dir, self._me(self.identity.node_id))
                 self.manager.start()
             await self._open_control()
             self._start_agent(self.identity)
@@ -244,12 +248,20 @@ class Daemon:
                 await overlay.apply(a.networks, a.services)
         else:
             self.executor = ProcessExecutor(self.data_dir, env)
-        session = ManagerSession(ident.manager_addr, self.tls)
+        session = ManagerSession(ident.manager_addr, self.tls, ident.managers,
+                                 self._remember_managers)
         self.agent = Agent(session, self.executor, self._apply_endpoints, self.advertise,
                            apply_networks, forward_host_ports=self.config.runtime == "netns")
         self._agent_task = asyncio.create_task(self.agent.run(), name="agent")
         self._certs_task = asyncio.create_task(
             keep_certificate(session, self.tls, self._trust_changed), name="certificates")
+
+    def _remember_managers(self, current: str, managers: list[str]) -> None:
+        """Keep the managers on disk: after a restart the node must find one that lives."""
+        if self.identity is not None:
+            self.identity = self.identity.model_copy(update={"manager_addr": current,
+                                                             "managers": managers})
+            save_identity(self.data_dir, self.identity)
 
     async def _stop_agent(self) -> None:
         if self._certs_task is not None:
@@ -363,8 +375,13 @@ class Daemon:
         ident = self.identity
         swarm = SwarmInfo(state="inactive")
         if ident is not None:
+            m = self.manager
+            leading = m is not None and m.leading
             swarm = SwarmInfo(state="active", node_id=ident.node_id, role=ident.role.value,
-                              manager_addr=ident.manager_addr, is_manager=self.manager is not None)
+                              manager_addr=ident.manager_addr, is_manager=m is not None,
+                              is_leader=leading,
+                              leader_id=(ident.node_id if leading else m.leader_id) if m else "",
+                              leader_addr=(self.api_addr if leading else m.leader_addr) if m else "")
         return Info(hostname=self.hostname, addr=self.advertise, version=__version__,
                     os=platform.system().lower(), arch=platform.machine(), swarm=swarm,
                     mesh_errors=self.mesh_errors)
@@ -374,9 +391,15 @@ class Daemon:
             raise NotManager() if self.identity is not None else NotInSwarm()
         return self.manager
 
+    def _me(self, node_id: str) -> str:
+        """What the election key says while this node's manager leads."""
+        return f"{node_id}@{self.api_addr}"
+
     async def init_swarm(self, advertise_addr: str | None, heartbeat_period: float,
-                         cert_expiry: float) -> tuple[str, str]:
-        """Become the manager of a new swarm (and its CA); returns (node id, worker token)."""
+                         cert_expiry: float, etcd_endpoints: list[str] | None = None
+                         ) -> tuple[str, str]:
+        """Become the manager of a new swarm (and its CA); returns (node id, worker token).
+        With `etcd_endpoints` the store lives in etcd, where more managers can join it."""
         async with self._lock:
             if self.identity is not None:
                 raise InvalidArgument("This node is already part of a swarm. Use \"corral swarm "
@@ -384,24 +407,37 @@ class Daemon:
             adv = advertise_addr or self.api_addr
             if ":" not in adv:
                 adv = f"{adv}:{self.api_port}"
-            manager = Manager.open(self.data_dir)
+            node_id = new_id()
+            if etcd_endpoints:
+                await check_etcd_is_free(etcd_endpoints)
+                save_etcd_endpoints(self.data_dir, etcd_endpoints)
+            manager = Manager.open(self.data_dir, self._me(node_id))
             try:
+                if manager.ha:
+                    manager.start()  # it must lead before it writes the cluster
+                    try:
+                        await manager.wait_leading(15.0)
+                    except TimeoutError:
+                        raise InvalidArgument("could not become the leader in etcd within 15s: "
+                                              f"{manager.store_error()}") from None
                 resp = manager.control.init_cluster(hostname=self.hostname, addr=self.advertise,
                                                     heartbeat_period=heartbeat_period,
                                                     engine_version=__version__,
                                                     csr=self.tls.new_csr().decode(),
-                                                    cert_expiry=cert_expiry)
+                                                    cert_expiry=cert_expiry, node_id=node_id)
+                await manager.durable()
                 self.tls.trust(resp.ca.encode())
                 self.tls.install(resp.cert.encode())
                 self.manager = manager
                 await self._open_control()
             except BaseException:
                 self.manager = None
-                manager.store.close()
+                await manager.stop()
                 shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
                 self.tls.forget()
                 raise
-            manager.start()
+            if not manager.ha:
+                manager.start()
             self.identity = NodeIdentity(node_id=resp.node_id, role=NodeRole.MANAGER,
                                          manager_addr=adv)
             save_identity(self.data_dir, self.identity)
@@ -427,8 +463,16 @@ class Daemon:
             self.tls.trust(resp.ca.encode())
             self.tls.install(resp.cert.encode())
             try:
+                if resp.manager is not None:
+                    install_manager_keys(self.data_dir, resp.manager)
+                    self.manager = Manager.open(self.data_dir, self._me(resp.node_id))
+                    self.manager.start()  # a follower, until it wins an election
                 await self._open_control()
             except BaseException:
+                if self.manager is not None:
+                    await self.manager.stop()
+                    self.manager = None
+                shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
                 self.tls.forget()
                 raise
             self.identity = NodeIdentity(node_id=resp.node_id, role=resp.role, manager_addr=remote)

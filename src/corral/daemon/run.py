@@ -15,6 +15,7 @@ from corral.api.errors import CorralError
 from corral.daemon.api import make_app
 from corral.daemon.config import DaemonConfig
 from corral.daemon.daemon import Daemon
+from corral.daemon.forward import leader_door
 from corral.daemon.listeners import bind_unix, control_door, local_door, server
 from corral.dataplane.limits import raise_nofile_limit
 
@@ -38,7 +39,7 @@ async def serve(daemon: Daemon) -> int:
     """Serve the local socket (and, in a swarm, the TLS control port) until SIGTERM/SIGINT,
     then stop tasks, mesh and manager."""
     asyncio.get_running_loop().set_exception_handler(_quiet_tls_errors)
-    app = make_app(daemon)
+    app = leader_door(make_app(daemon), daemon)
     daemon.control_app = control_door(app, daemon.cluster_id, daemon.node_roles)
     local = uvicorn.Server(server(local_door(app)))
     sock = bind_unix(daemon.config.socket)

@@ -14,6 +14,7 @@ class NodeIdentity(Model):
     node_id: str
     role: NodeRole
     manager_addr: str
+    managers: list[str] = []  # every manager known, to fail over to
 
 
 def identity_path(data_dir: Path) -> Path:

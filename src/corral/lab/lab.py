@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from corral.api.errors import CorralError, InvalidArgument, NotFound
 from corral.api.types import API_PORT
@@ -38,6 +41,8 @@ NETNS_PREFIX = "crl"
 """Every netns lab's names start with `crl<id>` (bridge), `crl<id>-` (namespaces)."""
 NODE_HOST_OFFSET = 10
 """In the netns lab node I gets the subnet's address 10+I (node1 = .11); the bridge gets .1."""
+ETCD_PORTS = (2379, 2380)
+"""An etcd member's client and peer ports, on its node's address."""
 TASK_NETNS_OPTION = "--task-netns-prefix"
 """Daemon option naming the prefix of the namespaces it makes for its tasks."""
 NEEDS_ROOT = "the netns lab needs root (network namespaces)"
@@ -59,6 +64,7 @@ class LabNode:
     pid: int = 0
     netns: str = ""
     veth: str = ""
+    etcd: bool = False  # runs an etcd member next to its daemon (--store etcd)
 
     @property
     def host(self) -> str:
@@ -126,6 +132,7 @@ class Lab:
         self.subnet = ""
         self.bridge = ""
         self.prefix = ""
+        self.store = "sqlite"
 
     @property
     def hosts(self) -> NetnsHosts:
@@ -152,12 +159,13 @@ class Lab:
         self.subnet = data.get("subnet", "")
         self.bridge = data.get("bridge", "")
         self.prefix = data.get("prefix", "")
+        self.store = data.get("store", "sqlite")
         return self
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = {"nodes": [_node_dict(n) for n in self.nodes],
-                                "heartbeat": self.heartbeat}
+                                "heartbeat": self.heartbeat, "store": self.store}
         if self.netns:
             data.update(netns=True, subnet=self.subnet, bridge=self.bridge, prefix=self.prefix,
                         namespaces=[n.netns for n in self.nodes],
@@ -173,12 +181,23 @@ class Lab:
     # -- up / down ------------------------------------------------------------------------
     def up(self, count: int, base_addr: str = DEFAULT_BASE_ADDR, heartbeat: float = 1.0,
            progress: Callable[[str], object] = print, netns: bool = False,
-           subnet: str = DEFAULT_SUBNET, cert_expiry: float | None = None) -> None:
-        """Start `count` daemons and form a swarm with node1 as its manager."""
+           subnet: str = DEFAULT_SUBNET, cert_expiry: float | None = None,
+           managers: int = 1, store: str = "sqlite") -> None:
+        """Start `count` daemons and form a swarm: node1 (..node`managers`) its managers.
+        With store etcd, each manager node also runs an etcd member (their cluster holds
+        the store)."""
         if netns:
             check_root()
         if count < 1 or count > 50:
             raise InvalidArgument(f"invalid --nodes {count}: must be between 1 and 50")
+        if store not in ("sqlite", "etcd"):
+            raise InvalidArgument(f"invalid --store {store!r}: expected sqlite or etcd")
+        if not 1 <= managers <= count:
+            raise InvalidArgument(f"invalid --managers {managers}: between 1 and --nodes")
+        if managers > 1 and store != "etcd":
+            raise InvalidArgument("several managers need --store etcd (one replicated store)")
+        if store == "etcd" and shutil.which("etcd") is None:
+            raise InvalidArgument("--store etcd needs etcd (Debian: apt-get install etcd-server)")
         net = parse_subnet(subnet, count) if netns else None
         if self.state_file.exists():
             old = Lab(self.dir).load()
@@ -190,11 +209,17 @@ class Lab:
                                       "exist: run `corral lab down` first")
             shutil.rmtree(self.dir)
         self.heartbeat = heartbeat
+        self.store = store
         self.nodes = []
         if net is not None:
             self._plan_netns(count, net)
         else:
             self._plan_loopback(count, base_addr)
+        if store == "etcd":
+            for n in self.nodes[:managers]:
+                n.etcd = True
+                if not self.netns and not all(port_free(n.addr, p) for p in ETCD_PORTS):
+                    raise InvalidArgument(f"{n.addr}: etcd's ports {ETCD_PORTS} are in use")
         self.save()
         try:
             if self.netns:
@@ -207,14 +232,25 @@ class Lab:
             for n in self.nodes:
                 self._wait_ready(n)
             manager = Client(self.nodes[0].socket)
-            init = manager.post("/v1/swarm/init", {"heartbeat_period": heartbeat} | (
-                {"cert_expiry": cert_expiry} if cert_expiry is not None else {}))
-            progress(f"{self.nodes[0].name}: swarm initialized (node {init['node_id'][:12]}, manager)")
+            body: dict[str, Any] = {"heartbeat_period": heartbeat}
+            if cert_expiry is not None:
+                body["cert_expiry"] = cert_expiry
+            if store == "etcd":
+                self._wait_etcd()
+                body.update(store="etcd", etcd_endpoints=self.etcd_endpoints)
+            init = manager.post("/v1/swarm/init", body)
+            progress(f"{self.nodes[0].name}: swarm initialized (node {init['node_id'][:12]}, manager"
+                     + (f", store in etcd on {', '.join(self.etcd_endpoints)})" if store == "etcd"
+                        else ")"))
             self._client_cert(manager)
-            for n in self.nodes[1:]:
-                Client(n.socket).post("/v1/swarm/join", {"token": init["worker_token"],
-                                                       "remote_addr": init["manager_addr"]})
-                progress(f"{n.name}: joined as a worker")
+            manager_token = (manager.get("/v1/swarm/join-token/manager")["token"]
+                             if managers > 1 else "")
+            for i, n in enumerate(self.nodes[1:], start=1):
+                role = "manager" if i < managers else "worker"
+                Client(n.socket).post("/v1/swarm/join", {
+                    "token": manager_token if role == "manager" else init["worker_token"],
+                    "remote_addr": init["manager_addr"]})
+                progress(f"{n.name}: joined as a {role}")
             self._wait_nodes_ready(manager, count)
         except BaseException:
             try:
@@ -222,6 +258,25 @@ class Lab:
             except CorralError as exc:  # keep the error that made `up` fail
                 progress(f"cleanup after the failed `lab up` was incomplete: {exc.message}")
             raise
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [f"{n.addr}:{ETCD_PORTS[0]}" for n in self.nodes if n.etcd]
+
+    def _wait_etcd(self, timeout: float = 30.0) -> None:
+        """Until every member answers healthy (they elect a leader among themselves first)."""
+        deadline = time.monotonic() + timeout
+        for endpoint in self.etcd_endpoints:
+            while True:
+                try:
+                    if httpx.get(f"http://{endpoint}/health", timeout=1).json().get("health") == "true":
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise CorralError(f"etcd at {endpoint} did not become healthy; see "
+                                      f"{self.dir}/*/etcd.log")
+                time.sleep(0.1)
 
     @property
     def tls_dir(self) -> Path:
@@ -371,15 +426,34 @@ class Lab:
             # namespace only (a daemon cannot always tell it is not in the host's).
             argv += ["--runtime", "netns", "--mesh", "kernel",
                      TASK_NETNS_OPTION, self.task_netns_prefix]
-            argv = self.hosts.daemon_argv(n.netns, argv)
         else:
             # All loopback nodes share one network namespace: task namespaces would collide
             # (one bridge per network for all of them), so tasks stay plain processes.
             argv += ["--runtime", "process"]
+        if n.etcd:
+            # The node's etcd member shares its process group: killing the node kills both,
+            # as a host dying would; starting it again restarts the member on its data.
+            etcd_log = shlex.quote(str(Path(n.data_dir) / "etcd.log"))
+            argv = ["sh", "-c", f'{shlex.join(self._etcd_argv(n))} >> {etcd_log} 2>&1 & exec "$@"',
+                    "sh", *argv]
+        if self.netns:
+            argv = self.hosts.daemon_argv(n.netns, argv)
         with open(n.log, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         n.pid = proc.pid
+
+    def _etcd_argv(self, n: LabNode) -> list[str]:
+        client, peer = (f"http://{n.addr}:{p}" for p in ETCD_PORTS)
+        members = ",".join(f"{m.name}=http://{m.addr}:{ETCD_PORTS[1]}" for m in self.nodes if m.etcd)
+        # The initial-cluster flags only count the first time; a restart uses the data dir.
+        return ["etcd", "--name", n.name, "--data-dir", str(Path(n.data_dir) / "etcd"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", members, "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"corral-lab-{lab_id(self.dir)}",
+                # Quick elections on a lab's fast links (defaults: 100 ms, 1 s).
+                "--heartbeat-interval", "50", "--election-timeout", "500"]
 
     def _wait_ready(self, n: LabNode, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -32,7 +32,7 @@ class CertificateAuthority:
     def create(cls, directory: Path | None, cluster_id: str) -> CertificateAuthority:
         ca = cls(directory, pki.create_root_ca(cluster_id), b"")
         ca.bundle_pem = ca.root.cert_pem
-        ca._save()
+        ca.save()
         return ca
 
     @classmethod
@@ -47,7 +47,7 @@ class CertificateAuthority:
         cross = directory / cls.CROSS
         return cls(directory, root, bundle, cross.read_bytes() if cross.exists() else b"")
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if self.dir is None:  # in memory only (unit tests of the control API)
             return
         write_private(self.dir / self.KEY, self.root.key_pem)
@@ -79,13 +79,13 @@ class CertificateAuthority:
         self.cross_pem = pki.cross_sign(new, self.root)
         self.bundle_pem = self.root.cert_pem + new.cert_pem
         self.root = new
-        self._save()
+        self.save()
 
     def finish_rotation(self) -> None:
         """Trust only the current root (every node holds a certificate it signed)."""
         self.bundle_pem = self.root.cert_pem
         self.cross_pem = b""
-        self._save()
+        self.save()
 
     @property
     def rotating(self) -> bool:

@@ -6,6 +6,7 @@ orchestrator and scheduler to act on.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hmac
 import time
@@ -65,12 +66,22 @@ class JoinRequest(Model):
     csr: str = Field(description="PEM certificate request for the node's own key")
 
 
+class ManagerKeys(Model):
+    etcd_endpoints: list[str]
+    ca_cert: str
+    ca_key: str
+    ca_bundle: str
+    ca_cross: str = ""
+    box_key: str  # base64
+
+
 class JoinResponse(Model):
     node_id: str
     role: NodeRole
     heartbeat_period: float
     cert: str  # the node's certificate (PEM), signed by the cluster's root CA
     ca: str  # the roots to trust (PEM bundle)
+    manager: ManagerKeys | None = None  # for a node joining as a manager
 
 
 class CertRequest(Model):
@@ -136,8 +147,10 @@ class ControlAPI:
     """Cluster operations on behalf of users and joining nodes."""
 
     def __init__(self, store: Store, ca_dir: Path | None = None,
-                 box: SecretBox | None = None) -> None:
+                 box: SecretBox | None = None, etcd_endpoints: list[str] | None = None) -> None:
         self.store = store
+        # Where the store lives when several managers share it (None: this manager's SQLite).
+        self.etcd_endpoints = etcd_endpoints
         self.ca_dir = ca_dir
         self._ca = CertificateAuthority.load(ca_dir)
         self.box = box or SecretBox.at(None)
@@ -150,7 +163,7 @@ class ControlAPI:
 
     # -- swarm ---------------------------------------------------------------------------
     def init_cluster(self, *, hostname: str, addr: str, heartbeat_period: float,
-                     engine_version: str, csr: str,
+                     engine_version: str, csr: str, node_id: str | None = None,
                      cert_expiry: float = Cluster.model_fields["cert_expiry"].default) -> JoinResponse:
         """Create the cluster (with its root CA) and the first node, this manager."""
         if heartbeat_period <= 0:
@@ -160,7 +173,7 @@ class ControlAPI:
                           heartbeat_period=heartbeat_period, cert_expiry=cert_expiry)
         self._ca = CertificateAuthority.create(self.ca_dir, cluster.cluster_id)
         cluster.root_digest = self._ca.digest
-        node = Node(id=new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
+        node = Node(id=node_id or new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
                     description=NodeDescription(hostname=hostname, addr=addr,
                                                 engine_version=engine_version),
                     status=NodeStatus(state=NodeState.READY), cert_root=self._ca.key_id)
@@ -179,8 +192,21 @@ class ControlAPI:
 
     def _issue_join(self, node: Node, cluster: Cluster, csr: bytes) -> JoinResponse:
         cert = self._sign(csr, node.id, node.spec.role, cluster)
-        return JoinResponse(node_id=node.id, role=node.spec.role, heartbeat_period=cluster.heartbeat_period,
-                            cert=cert.decode(), ca=self.ca.bundle_pem.decode())
+        keys = self.manager_keys() if node.spec.role is NodeRole.MANAGER else None
+        return JoinResponse(node_id=node.id, role=node.spec.role,
+                            heartbeat_period=cluster.heartbeat_period, cert=cert.decode(),
+                            ca=self.ca.bundle_pem.decode(), manager=keys)
+
+    def manager_keys(self) -> ManagerKeys | None:
+        """What another manager needs to lead one day: the store's address, the CA's key and
+        the key secrets are sealed with (sent only to managers, over mutual TLS)."""
+        if self.etcd_endpoints is None:
+            return None
+        return ManagerKeys(etcd_endpoints=self.etcd_endpoints,
+                           ca_cert=self.ca.root.cert_pem.decode(),
+                           ca_key=self.ca.root.key_pem.decode(),
+                           ca_bundle=self.ca.bundle_pem.decode(), ca_cross=self.ca.cross_pem.decode(),
+                           box_key=base64.b64encode(self.box.key).decode())
 
     def _sign(self, csr: bytes, subject: str, role: NodeRole | Role, cluster: Cluster) -> bytes:
         r: Role = "manager" if role is NodeRole.MANAGER else "worker" if role is NodeRole.WORKER else role
@@ -211,8 +237,11 @@ class ControlAPI:
         if hmac.compare_digest(token.secret, cluster.worker_secret):
             role = NodeRole.WORKER
         elif hmac.compare_digest(token.secret, cluster.manager_secret):
-            raise InvalidArgument("joining as a manager needs a replicated store, which this swarm "
-                                  "does not have yet: join with the worker token")
+            if self.etcd_endpoints is None:
+                raise InvalidArgument("joining as a manager needs a replicated store (swarm init "
+                                      "--store etcd): this swarm keeps its store in one "
+                                      "manager's SQLite; join with the worker token")
+            role = NodeRole.MANAGER
         else:
             raise InvalidArgument("invalid join token: the token was rotated or is wrong")
         csr = req.csr.encode()

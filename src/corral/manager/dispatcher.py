@@ -21,10 +21,12 @@ from pydantic import Field
 
 from corral.api.errors import Forbidden
 from corral.api.types import (
+    API_PORT,
     LbKind,
     Model,
     Network,
     Node,
+    NodeRole,
     NodeState,
     NodeStatus,
     PortConfig,
@@ -106,6 +108,8 @@ class Assignments(Model):
     services: list[ServiceEndpoint] = Field(default_factory=list)
     # Host-mode published ports of this node's own running tasks (no mesh, node-local).
     host_endpoints: list[Endpoint] = Field(default_factory=list)
+    # Control addresses of the swarm's managers (agents fail over between them).
+    managers: list[str] = Field(default_factory=list)
     # The secrets this node's tasks use — only those (swarmkit sends no other), in clear:
     # the session is mutual TLS.
     secrets: list[TaskSecret] = Field(default_factory=list)
@@ -234,6 +238,9 @@ class Dispatcher:
                            networks=network_infos(node_id, view.all(Network), nodes, all_tasks),
                            services=service_endpoints(services, all_tasks, nodes),
                            host_endpoints=host_endpoints(tasks, nodes),
+                           managers=sorted(f"{n.description.addr}:{API_PORT}" for n in nodes.values()
+                                           if n.spec.role is NodeRole.MANAGER
+                                           and n.status.state is not NodeState.DOWN),
                            secrets=self._secrets_for(tasks, view))
 
     def _secrets_for(self, tasks: list[Task], view: ReadTx) -> list[TaskSecret]:

@@ -14,6 +14,7 @@ import logging
 from corral.store.etcd import Fence
 from corral.store.etcd_client import (
     EtcdClient,
+    EtcdRefused,
     EtcdUnavailable,
     cmp_absent,
     op_put,
@@ -55,7 +56,7 @@ class Election:
                     log.info("elected leader (fence revision %d)", revision)
                     return Fence(self.key, revision)
                 await self.client.lease_revoke(lease)
-            except EtcdUnavailable as exc:
+            except (EtcdUnavailable, EtcdRefused) as exc:
                 log.warning("election: %s", exc)
             await asyncio.sleep(self.ttl / 3)
 
@@ -72,6 +73,9 @@ class Election:
                     log.warning("election: our lease expired")
                     return
                 last_ok = loop.time()
+            except EtcdRefused as exc:  # e.g. "requested lease not found": it expired
+                log.warning("election: %s", exc)
+                return
             except EtcdUnavailable as exc:
                 if loop.time() - last_ok >= self.ttl:
                     log.warning("election: cannot reach etcd for %ss: %s", self.ttl, exc)

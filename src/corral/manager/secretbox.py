@@ -22,6 +22,7 @@ class SecretBox:
     """Seal and open secret values with one key."""
 
     def __init__(self, key: bytes) -> None:
+        self.key = key  # managers share it (a manager that joins gets it over mutual TLS)
         self._aead = AESGCM(key)
 
     @classmethod

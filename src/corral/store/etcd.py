@@ -23,6 +23,7 @@ from corral.api.types import StoredObject
 from corral.store.base import KINDS, Action, Event, Store
 from corral.store.etcd_client import (
     EtcdClient,
+    EtcdRefused,
     EtcdUnavailable,
     WatchEvent,
     cmp_create_revision,
@@ -173,6 +174,15 @@ class EtcdStore(Store):
                     log.warning("store write %d waits for etcd: %s", seq, exc)
                     await asyncio.sleep(RETRY)
                     continue
+                except EtcdRefused as exc:
+                    # Memory and etcd would part ways: stop leading; the next leader (maybe
+                    # this manager again) starts from what etcd holds.
+                    log.error("store write %d refused by etcd: %s", seq, exc)
+                    self.error = f"etcd refused a write: {exc}"
+                    self.fence = None
+                    async with self._progress:
+                        self._progress.notify_all()
+                    raise LeadershipLost() from exc
                 except LeadershipLost:
                     self.error = "another manager leads now"
                     self.fence = None
@@ -189,9 +199,12 @@ class EtcdStore(Store):
         fence = self.fence
         if fence is None:
             raise LeadershipLost()
-        ops = [op_delete(object_key(ev.kind, ev.obj.id, self.prefix)) if ev.action is Action.DELETE
-               else op_put(object_key(ev.kind, ev.obj.id, self.prefix), ev.obj.model_dump_json())
-               for ev in events]
+        # etcd refuses a transaction that names a key twice: only each object's final state.
+        final: dict[str, Event] = {}
+        for ev in events:
+            final[object_key(ev.kind, ev.obj.id, self.prefix)] = ev
+        ops = [op_delete(key) if ev.action is Action.DELETE else op_put(key, ev.obj.model_dump_json())
+               for key, ev in final.items()]
         # etcd caps the operations of one transaction: a very large store transaction (say,
         # a service of 500 replicas) goes in several, each still fenced.
         for i in range(0, len(ops), MAX_TXN_OPS):
@@ -212,3 +225,17 @@ class EtcdStore(Store):
         self.error = why
         self._queue.clear()
         self._written = self._queued
+
+
+async def check_etcd_is_free(endpoints: list[str], prefix: str = PREFIX) -> None:
+    """Refuse to start a swarm in an etcd that holds one already (or cannot be reached)."""
+    client = EtcdClient(endpoints)
+    try:
+        kvs, _ = await client.range_prefix(prefix)
+    except EtcdUnavailable as exc:
+        raise NotWritable(f"cannot use etcd at {', '.join(endpoints)}: {exc}") from None
+    finally:
+        await client.close()
+    if kvs:
+        raise CorralError(f"etcd at {', '.join(endpoints)} already holds a swarm's store "
+                          f"(keys under {prefix}): join that swarm, or use another etcd")

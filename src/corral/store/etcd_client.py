@@ -25,6 +25,10 @@ class EtcdUnavailable(Exception):
     """No endpoint answered (or the cluster has no quorum): the store cannot be written now."""
 
 
+class EtcdRefused(Exception):
+    """etcd answered and refused the request itself (retrying the same request cannot help)."""
+
+
 def b64(text: str | bytes) -> str:
     return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
 
@@ -128,7 +132,7 @@ class EtcdClient:
                 errors.append(f"{self.endpoints[idx]}: {r.text.strip()[:120]}")
                 continue
             if r.status_code != 200:
-                raise EtcdUnavailable(f"etcd refused {path}: {r.text.strip()[:200]}")
+                raise EtcdRefused(f"etcd refused {path}: {r.text.strip()[:200]}")
             self._current = idx  # stick to a member that works
             out: dict[str, Any] = r.json()
             return out

@@ -96,11 +96,12 @@ def free_lab_dir(tmp: Path) -> Path:
 @contextmanager
 def lab_swarm(tmp: Path, nodes: int, base_addr: str = DEFAULT_BASE_ADDR, heartbeat: float = 0.5,
               netns: bool = False, subnet: str = DEFAULT_SUBNET,
-              cert_expiry: float | None = None) -> Iterator[LabSwarm]:
+              cert_expiry: float | None = None, managers: int = 1,
+              store: str = "sqlite") -> Iterator[LabSwarm]:
     """Bring a lab up for a test and always take it down, even when the test fails."""
     lab = Lab(free_lab_dir(tmp))
     lab.up(nodes, base_addr, heartbeat, progress=lambda _: None, netns=netns, subnet=subnet,
-           cert_expiry=cert_expiry)
+           cert_expiry=cert_expiry, managers=managers, store=store)
     try:
         yield LabSwarm(lab)
     finally:
