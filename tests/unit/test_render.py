@@ -633,3 +633,17 @@ def test_service_ps_shows_health_while_running() -> None:
              status=TaskStatus(state=TaskState.RUNNING, timestamp=NOW - 8, health="healthy"))
     _, rows = service_ps_rows([t], {}, NOW)
     assert rows[0][5] == "Running 8 seconds ago (healthy)"
+
+
+def test_a_task_left_on_a_down_node_does_not_hold_convergence() -> None:
+    from corral.cli.progress import converged
+    svc = mk_service(replicas=2)
+    tasks = [mk_task(svc, 1, TaskState.RUNNING, node_id="n2"),
+             mk_task(svc, 2, TaskState.RUNNING, node_id="n3"),
+             # Replaced, but its node died before it could report it stopped.
+             mk_task(svc, 2, TaskState.ASSIGNED, desired=TaskState.SHUTDOWN, node_id="n1")]
+    nodes = {"n1": mk_node("n1", "node1"), "n2": mk_node("n2", "node2"),
+             "n3": mk_node("n3", "node3")}
+    assert not converged(svc, tasks, nodes)  # node1 is up: its task must stop first
+    nodes["n1"] = mk_node("n1", "node1", state=NodeState.DOWN)
+    assert converged(svc, tasks, nodes)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import typer
 
 from corral.api.errors import CorralError
-from corral.api.types import Node, Service, ServiceMode, Task, TaskState
+from corral.api.types import Node, NodeState, Service, ServiceMode, Task, TaskState
 from corral.cli.render import VERIFY_CONVERGED, ProgressDisplay, progress_lines, verify_waiting_message
 from corral.client import Client
 
@@ -27,14 +27,16 @@ def nodes_of(c: Client) -> dict[str, Node]:
     return {n["id"]: Node.model_validate(n) for n in c.get("/v1/nodes")}
 
 
-def converged(service: Service, tasks: list[Task]) -> bool:
-    """Every wanted task runs the current spec, and nothing being removed still runs."""
+def converged(service: Service, tasks: list[Task], nodes: dict[str, Node] | None = None) -> bool:
+    """Every wanted task runs the current spec, and nothing being removed still runs (a task
+    on a node that is down cannot report it stopped: it does not hold things up)."""
+    down = {i for i, n in (nodes or {}).items() if n.status.state is NodeState.DOWN}
     mine = [t for t in tasks if t.service_id == service.id]
     running = [t for t in mine if t.desired_state is TaskState.RUNNING
                and t.status.state is TaskState.RUNNING and t.spec_version == service.spec_version
                and t.status.health in ("", "healthy")]
     leftovers = [t for t in mine if t.desired_state > TaskState.RUNNING and not t.status.state.terminal
-                 and t.node_id]
+                 and t.node_id and t.node_id not in down]
     if service.spec.mode is ServiceMode.GLOBAL:
         wanted = [t for t in mine if t.desired_state is TaskState.RUNNING]
         return bool(wanted) and len(running) == len(wanted) and not leftovers
@@ -91,9 +93,9 @@ def wait_converged(c: Client, service_id: str) -> None:
             verify = None
             if status is not None and status.state in UPDATING:
                 stable_since = None
-                if converged(svc, tasks):
+                if converged(svc, tasks, nodes):
                     verify = verify_waiting_message(int(config_monitor(svc)))
-            elif converged(svc, tasks):
+            elif converged(svc, tasks, nodes):
                 stable_since = stable_since or time.monotonic()
                 wait = 0 if status is not None else VERIFY_SECONDS
                 if time.monotonic() - stable_since >= wait:

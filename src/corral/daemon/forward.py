@@ -99,7 +99,9 @@ def leader_door(app: ASGIApp, daemon: Daemon) -> ASGIApp:
                                          extensions={"sni_hostname": NODE_NAME})
         except httpx.HTTPError as exc:
             log.warning("forwarding %s %s to the leader %s: %r", method, path, leader, exc)
-            await _respond(send, 503, _error(f"cannot reach the leader at {leader}: {exc!r}"))
+            await _respond(send, 503, _error(
+                f"cannot reach the leader at {leader} ({exc.__class__.__name__}): if it is down, "
+                "another manager takes over within seconds — unless etcd has lost its quorum"))
             return
         await _respond(send, r.status_code, r.content,
                        [(b"content-type", r.headers.get("content-type", "application/json").encode())])

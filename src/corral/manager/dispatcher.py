@@ -40,6 +40,9 @@ from corral.store.base import ReadTx, Store, WriteTx
 log = logging.getLogger(__name__)
 
 DOWN_AFTER_MISSED = 3
+TAKEOVER_GRACE = 5.0
+"""Seconds a manager that starts dispatching (at start, or on winning an election) gives every
+node to find it before judging it by heartbeats: agents first have to learn who leads."""
 
 
 class StatusUpdate(Model):
@@ -163,6 +166,9 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Watch the store to wake long-polls, and mark silent nodes DOWN."""
+        # A new term: no node has a session with this manager yet, whatever came before.
+        self._sessions.clear()
+        self._started = time.time()
         await asyncio.gather(self._watch_changes(), self._check_heartbeats())
 
     async def _watch_changes(self) -> None:
@@ -183,9 +189,15 @@ class Dispatcher:
             for node in self.store.view().all(Node):
                 if node.status.state is NodeState.DOWN:
                     continue
-                # A manager that just started gives every node one full window to reconnect.
-                last = self._sessions.get(node.id, _Session(self._started)).last_seen
-                if now - last > DOWN_AFTER_MISSED * period:
+                session = self._sessions.get(node.id)
+                if session is None:
+                    # Not heard from since this manager started dispatching: a grace period.
+                    if now - self._started > max(DOWN_AFTER_MISSED * period, TAKEOVER_GRACE):
+                        log.warning("node %s has not reached this manager since it took over: "
+                                    "marking it down", node.hostname)
+                        self._set_state(node.id, NodeState.DOWN, "heartbeat failure")
+                    continue
+                if now - session.last_seen > DOWN_AFTER_MISSED * period:
                     log.warning("node %s missed %d heartbeats: marking it down",
                                 node.hostname, DOWN_AFTER_MISSED)
                     self._set_state(node.id, NodeState.DOWN, "heartbeat failure")

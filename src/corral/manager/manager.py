@@ -183,12 +183,17 @@ class Manager:
         self._leading_changed.set()
 
     async def _track_leader(self, election: Election) -> None:
-        """Keep `leader` current on followers (the API points agents and writes there)."""
+        """Keep `leader` current on followers (the API points agents and writes there). When
+        etcd cannot say for longer than a lease lasts, nobody can be leading any more."""
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
         while True:
             try:
                 self.leader = (await election.leader()) or ""
+                last_ok = loop.time()
             except (EtcdUnavailable, EtcdRefused):
-                pass
+                if loop.time() - last_ok > election.ttl and not self.leading:
+                    self.leader = ""
             await asyncio.sleep(min(1.0, election.ttl / 3))
 
     @staticmethod

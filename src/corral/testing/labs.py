@@ -71,12 +71,12 @@ class LabSwarm:
         assert r.code == 0, f"corral {' '.join(args)} failed ({r.code}): {r.err or r.out}"
         return r
 
-    def tasks(self, service: str) -> list[dict[str, Any]]:
-        return self.ok("service", "ps", service, "--format", "json").json_lines()
+    def tasks(self, service: str, host: str | None = None) -> list[dict[str, Any]]:
+        return self.ok("service", "ps", service, "--format", "json", host=host).json_lines()
 
-    def running(self, service: str) -> list[dict[str, Any]]:
+    def running(self, service: str, host: str | None = None) -> list[dict[str, Any]]:
         """Tasks of `service` that are meant to run and do."""
-        return [t for t in self.tasks(service) if t["desired_state"] == "running"
+        return [t for t in self.tasks(service, host) if t["desired_state"] == "running"
                 and t["status"]["state"] == "running"]
 
     def exec(self, node: str, *cmd: str, timeout: float = 30.0) -> CLIResult:
