@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from corral.security import pki
 from corral.testing.etcd import ETCD_MISSING, etcd_available
 from corral.testing.labs import LabSwarm, http_get, lab_swarm, wait_for
 from corral.testing.load import Load
@@ -88,6 +90,26 @@ def test_the_leader_dies_and_the_swarm_carries_on(swarm: LabSwarm) -> None:
     swarm.lab.start("node1")
     wait_for(lambda: managers(swarm, n2).get("node1") == "Reachable", timeout=20,
              what="node1 back as a follower")
+
+
+def test_promote_and_demote(swarm: LabSwarm) -> None:
+    n2, n4 = swarm.lab.node("node2").host, swarm.lab.node("node4").host
+    assert "Node node4 promoted to a manager" in swarm.ok("node", "promote", "node4", host=n2).out
+    wait_for(lambda: managers(swarm, n2).get("node4") == "Reachable", timeout=20,
+             what="node4 to be a manager")
+    # It now serves the manager API itself, from its own replica, with a manager certificate.
+    wait_for(lambda: swarm.cli("service", "ls", host=n4).code == 0, timeout=20,
+             what="node4's manager API")
+    assert "web" in swarm.ok("service", "ls", host=n4).out
+    cert = (Path(swarm.lab.node("node4").data_dir) / "tls" / "node.pem").read_bytes()
+    assert pki.identity(cert).role == "manager"
+    swarm.ok("node", "demote", "node4", host=n2)
+    wait_for(lambda: "not a swarm manager" in swarm.cli("service", "ls", host=n4).err,
+             timeout=20, what="node4 to be a worker again")
+    assert "node4" not in managers(swarm, n2)
+    wait_for(lambda: pki.identity((Path(swarm.lab.node("node4").data_dir) / "tls" / "node.pem")
+                                  .read_bytes()).role == "worker", timeout=10,
+             what="node4's worker certificate")
 
 
 def test_lost_quorum_keeps_serving_then_recovers(swarm: LabSwarm) -> None:

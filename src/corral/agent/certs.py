@@ -28,6 +28,7 @@ async def renew(session: ManagerSession, tls: NodeTLS,
     if tls.trust(resp.ca.encode()):
         await on_trust_changed()
     tls.install(resp.cert.encode())
+    session.reconnect()
     ident = tls.identity()
     log.info("node certificate renewed (%s, serial %x, valid until %s)", ident.role,
              ident.serial, ident.not_after.isoformat(timespec="seconds"))

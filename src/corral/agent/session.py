@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from corral.manager.controlapi import CertResponse
+from corral.manager.controlapi import CertResponse, ManagerKeys
 from corral.manager.dispatcher import Assignments, StatusUpdate
 from corral.security.nodetls import NodeTLS
 from corral.security.pki import role_name
@@ -45,6 +45,11 @@ class ManagerSession:
     def _make_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=f"https://{self.manager_addr}",
                                  verify=self.tls.client_context(), timeout=httpx.Timeout(5.0))
+
+    def reconnect(self) -> None:
+        """New connections from the next request on: a TLS connection keeps the certificate it
+        was made with, and a renewed one (maybe with a new role) must show."""
+        self._generation = -1
 
     def set_managers(self, managers: list[str]) -> None:
         """The managers the swarm has now (from assignments)."""
@@ -121,6 +126,11 @@ class ManagerSession:
         """A new certificate for a new key (the node's current role, the current root)."""
         r = await self._request("POST", "/v1/ca/renew", json={"csr": csr.decode()})
         return CertResponse.model_validate_json(r.content)
+
+    async def manager_keys(self) -> ManagerKeys:
+        """A promoted node's share of the swarm (it must hold a manager certificate)."""
+        r = await self._request("GET", "/v1/swarm/manager-keys")
+        return ManagerKeys.model_validate_json(r.content)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -20,7 +20,7 @@ from corral.agent.exec import Controller, Executor, TaskFailed, TaskRejected
 from corral.agent.health import Health, HealthTracker, make_probe, watch_health
 from corral.agent.session import ManagerSession, SessionRefused
 from corral.api.errors import CorralError
-from corral.api.types import Task, TaskState
+from corral.api.types import NodeRole, Task, TaskState
 from corral.manager.dispatcher import Assignments, Endpoint, StatusUpdate
 
 log = logging.getLogger(__name__)
@@ -246,8 +246,10 @@ class Agent:
                  apply_endpoints: Callable[[list[Endpoint]], Awaitable[None]],
                  advertise_addr: str = "",
                  apply_networks: Callable[[Assignments], Awaitable[None]] | None = None,
-                 forward_host_ports: bool = False) -> None:
+                 forward_host_ports: bool = False,
+                 on_role: Callable[[NodeRole], None] | None = None) -> None:
         self.session = session
+        self.on_role = on_role  # told when the manager says this node's role changed
         self.forward_host_ports = forward_host_ports
         self.apply_networks = apply_networks
         self.advertise_addr = advertise_addr
@@ -325,6 +327,8 @@ class Agent:
         self.executor.secrets = {s.id: base64.b64decode(s.data) for s in a.secrets}
         if a.managers:
             self.session.set_managers(a.managers)
+        if a.role is not None and self.on_role is not None:
+            self.on_role(a.role)
         if self.apply_networks is not None:
             # Networks first: a task about to be prepared needs its bridge to exist.
             try:

@@ -56,6 +56,26 @@ def update(ctx: typer.Context, node: Annotated[str, typer.Argument(help="NODE")]
     typer.echo(node)
 
 
+def _set_role(ctx: typer.Context, nodes: list[str], role: str) -> None:
+    c = client(ctx)
+    for n in nodes:
+        c.post(f"/v1/nodes/{n}/update", {"role": role})
+        typer.echo(f"Node {n} {'promoted to a manager' if role == 'manager' else 'demoted'} in "
+                   "the swarm.")
+
+
+@app.command()
+def promote(ctx: typer.Context, nodes: Annotated[list[str], typer.Argument(help="NODE...")]) -> None:
+    """Promote one or more nodes to manager in the swarm (the store must be in etcd)."""
+    _set_role(ctx, nodes, "manager")
+
+
+@app.command()
+def demote(ctx: typer.Context, nodes: Annotated[list[str], typer.Argument(help="NODE...")]) -> None:
+    """Demote one or more nodes from manager in the swarm."""
+    _set_role(ctx, nodes, "worker")
+
+
 @app.command("rm")
 def rm(ctx: typer.Context, nodes: Annotated[list[str], typer.Argument(help="NODE...")],
        force: Annotated[bool, typer.Option("-f", "--force", help="Remove a node that is not down")] = False) -> None:

@@ -37,6 +37,7 @@ from corral.manager.controlapi import (
     CertResponse,
     JoinRequest,
     JoinResponse,
+    ManagerKeys,
     NodeUpdate,
 )
 from corral.manager.dispatcher import Assignments, StatusUpdate
@@ -244,6 +245,17 @@ def make_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/swarm/ca/rotate")
     async def rotate_ca(mgr: Mgr) -> CaStatus:
         return mgr.control.rotate_ca()
+
+    @app.get("/v1/swarm/manager-keys")
+    async def manager_keys(request: Request, mgr: Mgr) -> ManagerKeys:
+        """For a node just promoted: only a manager node's certificate may ask."""
+        cert = _peer(request).cert
+        if cert is None or cert.role != "manager":
+            raise Forbidden("the swarm's keys go to manager nodes only")
+        keys = mgr.control.manager_keys()
+        if keys is None:
+            raise InvalidArgument("this swarm keeps its store in SQLite: it has one manager")
+        return keys
 
     @app.post("/v1/ca/client")
     async def client_cert(req: CertRequest, mgr: Mgr) -> CertResponse:

@@ -17,7 +17,7 @@ import httpx
 from corral import __version__
 from corral.agent.exec import TaskEnv
 from corral.agent.runtimes.process import ProcessExecutor
-from corral.agent.certs import keep_certificate
+from corral.agent.certs import keep_certificate, renew
 from corral.agent.session import MANAGER_NAME, ManagerSession
 from corral.agent.overlay import NodeOverlay
 from corral.agent.worker import Agent
@@ -109,6 +109,7 @@ class Daemon:
         self.executor: ProcessExecutor | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._certs_task: asyncio.Task[None] | None = None
+        self._role_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.tls = NodeTLS(self.data_dir / "tls")
         # The API wrapped for the TLS port (set by whoever serves the local door: run.serve).
@@ -251,10 +252,44 @@ class Daemon:
         session = ManagerSession(ident.manager_addr, self.tls, ident.managers,
                                  self._remember_managers)
         self.agent = Agent(session, self.executor, self._apply_endpoints, self.advertise,
-                           apply_networks, forward_host_ports=self.config.runtime == "netns")
+                           apply_networks, forward_host_ports=self.config.runtime == "netns",
+                           on_role=self._role_said)
         self._agent_task = asyncio.create_task(self.agent.run(), name="agent")
         self._certs_task = asyncio.create_task(
             keep_certificate(session, self.tls, self._trust_changed), name="certificates")
+
+    def _role_said(self, role: NodeRole) -> None:
+        """The manager says what this node is; a change (promote/demote) is acted on once."""
+        ident = self.identity
+        if ident is None or ident.role is role or self._role_task is not None:
+            return
+        self._role_task = asyncio.create_task(self._change_role(role), name="role-change")
+
+    async def _change_role(self, role: NodeRole) -> None:
+        """Promoted: a manager certificate, the swarm's keys, a manager that follows and
+        campaigns. Demoted: the manager stops (resigning if it led), a worker certificate."""
+        try:
+            async with self._lock:
+                ident, agent = self.identity, self.agent
+                if ident is None or agent is None or ident.role is role:
+                    return
+                session = agent.session
+                await renew(session, self.tls, self._trust_changed)  # the new role's certificate
+                if role is NodeRole.MANAGER:
+                    install_manager_keys(self.data_dir, await session.manager_keys())
+                    self.manager = Manager.open(self.data_dir, self._me(ident.node_id))
+                    self.manager.start()
+                elif self.manager is not None:
+                    await self.manager.stop()
+                    self.manager = None
+                    shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
+                self.identity = ident.model_copy(update={"role": role})
+                save_identity(self.data_dir, self.identity)
+                log.info("this node is now a %s", role.value)
+        except Exception as exc:  # the next assignments say it again: try again then
+            log.warning("changing this node's role to %s failed: %r", role.value, exc)
+        finally:
+            self._role_task = None
 
     def _remember_managers(self, current: str, managers: list[str]) -> None:
         """Keep the managers on disk: after a restart the node must find one that lives."""

@@ -329,25 +329,32 @@ class ControlAPI:
 
     def update_node(self, ref: str, upd: NodeUpdate) -> Node:
         node = self.node(ref)
-        if upd.role is NodeRole.MANAGER and node.spec.role is NodeRole.WORKER:
-            raise InvalidArgument("promoting a node to manager needs a replicated store, which "
-                                  "this swarm does not have yet")
+        if upd.role is NodeRole.MANAGER and node.spec.role is NodeRole.WORKER \
+                and self.etcd_endpoints is None:
+            raise InvalidArgument("promoting a node to manager needs a replicated store (swarm "
+                                  "init --store etcd): this swarm keeps its store in one "
+                                  "manager's SQLite")
         if upd.role is NodeRole.WORKER and node.spec.role is NodeRole.MANAGER:
-            raise InvalidArgument("demoting the only manager would leave the swarm without one")
+            others = [n for n in self.nodes() if n.spec.role is NodeRole.MANAGER
+                      and n.id != node.id and n.status.state is not NodeState.DOWN]
+            if not others:
+                raise InvalidArgument(f"demoting {node.hostname} would leave the swarm without a "
+                                      "reachable manager: promote another node first")
         labels = {k: v for k, v in node.spec.labels.items() if k not in upd.label_rm}
         for key in upd.label_rm:
             if key not in node.spec.labels:
                 raise InvalidArgument(f"key {key} doesn't exist in node's labels")
         labels.update(upd.label_add)
         spec = node.spec.model_copy(update={
-            "availability": upd.availability or node.spec.availability, "labels": labels})
+            "availability": upd.availability or node.spec.availability, "labels": labels,
+            "role": upd.role or node.spec.role})
         return self.store.update(lambda tx: tx.update(node.model_copy(update={"spec": spec})))
 
     def remove_node(self, ref: str, force: bool) -> None:
         node = self.node(ref)
         if node.spec.role is NodeRole.MANAGER:
             raise InvalidArgument(f"rejected removal of node {node.hostname}: it is a manager; "
-                                  "a swarm cannot remove its only manager")
+                                  "demote it first (corral node demote)")
         if node.status.state is not NodeState.DOWN and not force:
             raise InvalidArgument(
                 f"node {node.hostname} is not down and can't be removed: "

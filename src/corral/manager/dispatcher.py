@@ -111,6 +111,8 @@ class Assignments(Model):
     services: list[ServiceEndpoint] = Field(default_factory=list)
     # Host-mode published ports of this node's own running tasks (no mesh, node-local).
     host_endpoints: list[Endpoint] = Field(default_factory=list)
+    # What the node is meant to be now: a promoted node starts a manager, a demoted one stops.
+    role: NodeRole | None = None
     # Control addresses of the swarm's managers (agents fail over between them).
     managers: list[str] = Field(default_factory=list)
     # The secrets this node's tasks use — only those (swarmkit sends no other), in clear:
@@ -250,6 +252,7 @@ class Dispatcher:
                            networks=network_infos(node_id, view.all(Network), nodes, all_tasks),
                            services=service_endpoints(services, all_tasks, nodes),
                            host_endpoints=host_endpoints(tasks, nodes),
+                           role=nodes[node_id].spec.role if node_id in nodes else None,
                            managers=sorted(f"{n.description.addr}:{API_PORT}" for n in nodes.values()
                                            if n.spec.role is NodeRole.MANAGER
                                            and n.status.state is not NodeState.DOWN),
