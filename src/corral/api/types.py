@@ -392,6 +392,10 @@ class Cluster(Model):
     # Digest of the root CA certificate, which join tokens pin (the CA's key stays on disk).
     root_digest: str = ""
     cert_expiry: float = 90 * 24 * 3600.0  # node certificates' lifetime, seconds
+    # The CA (root, its key, trusted roots, cross-signed root) sealed with the managers' shared
+    # key, and its version: how every manager — whichever leads next — signs with the same root.
+    ca_sealed: str = ""
+    ca_version: int = 0
     worker_secret: str = ""
     manager_secret: str = ""
     heartbeat_period: float = 1.0

@@ -8,6 +8,7 @@ rotation the CA trusts two roots — the bundle — while it signs with the new 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 from corral.security import pki
@@ -86,6 +87,17 @@ class CertificateAuthority:
         self.bundle_pem = self.root.cert_pem
         self.cross_pem = b""
         self.save()
+
+    def to_json(self) -> bytes:
+        return json.dumps({"cert": self.root.cert_pem.decode(), "key": self.root.key_pem.decode(),
+                           "bundle": self.bundle_pem.decode(),
+                           "cross": self.cross_pem.decode()}).encode()
+
+    @classmethod
+    def from_json(cls, directory: Path | None, data: bytes) -> CertificateAuthority:
+        d = json.loads(data)
+        return cls(directory, CertKey(d["cert"].encode(), d["key"].encode()),
+                   d["bundle"].encode(), d["cross"].encode())
 
     @property
     def rotating(self) -> bool:

@@ -100,6 +100,8 @@ class CaStatus(Model):
     rotated: int  # nodes whose certificate the current root signed
 
 
+CA_SEAL_ID = "swarm-ca"
+"""Associated data sealing the CA in the store (a sealed secret cannot pass for it)."""
 MIN_CERT_EXPIRY = 5.0  # seconds; docker's minimum is 1h, tests need short-lived certificates
 
 
@@ -153,13 +155,35 @@ class ControlAPI:
         self.etcd_endpoints = etcd_endpoints
         self.ca_dir = ca_dir
         self._ca = CertificateAuthority.load(ca_dir)
+        self._ca_version = 0
         self.box = box or SecretBox.at(None)
 
     @property
     def ca(self) -> CertificateAuthority:
+        """The swarm's CA as the store has it now (another manager may have rotated it while
+        this one followed); kept on disk too, the key 0600."""
+        cluster = self.store.view().cluster()
+        if cluster is not None and cluster.ca_sealed and cluster.ca_version != self._ca_version:
+            data = self.box.open(cluster.ca_sealed, CA_SEAL_ID)
+            self._ca = CertificateAuthority.from_json(self.ca_dir, data)
+            self._ca.save()
+            self._ca_version = cluster.ca_version
         if self._ca is None:
             raise NotFound("this manager has no certificate authority (cluster not initialised)")
         return self._ca
+
+    def _publish_ca(self, ca: CertificateAuthority) -> None:
+        """Record the CA (sealed) in the store, for every manager; once a rotation is done,
+        join tokens pin the new root."""
+        def write(tx: WriteTx) -> None:
+            c = tx.must_get(Cluster, "default")
+            tx.update(c.model_copy(update={"ca_sealed": self.box.seal(ca.to_json(), CA_SEAL_ID),
+                                           "ca_version": c.ca_version + 1,
+                                           "root_digest": c.root_digest if ca.rotating
+                                           else ca.digest}))
+        self.store.update(write)
+        self._ca = ca
+        self._ca_version = self.store.view().must_get(Cluster, "default").ca_version
 
     # -- swarm ---------------------------------------------------------------------------
     def init_cluster(self, *, hostname: str, addr: str, heartbeat_period: float,
@@ -171,12 +195,15 @@ class ControlAPI:
         check_cert_expiry(cert_expiry)
         cluster = Cluster(worker_secret=new_join_secret(), manager_secret=new_join_secret(),
                           heartbeat_period=heartbeat_period, cert_expiry=cert_expiry)
-        self._ca = CertificateAuthority.create(self.ca_dir, cluster.cluster_id)
-        cluster.root_digest = self._ca.digest
+        ca = CertificateAuthority.create(self.ca_dir, cluster.cluster_id)
+        cluster.root_digest = ca.digest
+        cluster.ca_sealed = self.box.seal(ca.to_json(), CA_SEAL_ID)
+        cluster.ca_version = 1
+        self._ca, self._ca_version = ca, 1
         node = Node(id=node_id or new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
                     description=NodeDescription(hostname=hostname, addr=addr,
                                                 engine_version=engine_version),
-                    status=NodeStatus(state=NodeState.READY), cert_root=self._ca.key_id)
+                    status=NodeStatus(state=NodeState.READY), cert_root=ca.key_id)
 
         # Swarm's default ingress network: the routing mesh's overlay (used by netns tasks).
         ingress = Network(id=new_id(), spec=NetworkSpec(name="ingress", subnet=INGRESS_SUBNET,
@@ -292,7 +319,9 @@ class ControlAPI:
             s = self.ca_status()
             raise Conflict(f"a root CA rotation is already in progress ({s.rotated} of {s.nodes} "
                            "nodes moved to the new root)")
-        self.ca.begin_rotation(self.cluster().cluster_id)
+        ca = self.ca
+        ca.begin_rotation(self.cluster().cluster_id)
+        self._publish_ca(ca)
         return self.ca_status()
 
     def _maybe_finish_rotation(self) -> None:
@@ -301,13 +330,9 @@ class ControlAPI:
         root = self.ca.key_id
         if any(n.cert_root != root for n in self.nodes()):
             return
-        self.ca.finish_rotation()
-        digest = self.ca.digest  # join tokens pin the new root from now on
-
-        def write(tx: WriteTx) -> None:
-            c = tx.must_get(Cluster, "default")
-            tx.update(c.model_copy(update={"root_digest": digest}))
-        self.store.update(write)
+        ca = self.ca
+        ca.finish_rotation()
+        self._publish_ca(ca)
 
     def client_cert(self, csr: bytes) -> CertResponse:
         """An admin client certificate (the CLI's, for TLS from another machine)."""
