@@ -35,10 +35,10 @@ NO_LEADER = ("no manager leads the swarm right now: an election is under way, or
 
 def needs_leader(method: str, path: str) -> bool:
     """Whether a request must be served by the leader rather than this manager's replica."""
-    if path.startswith(LOCAL_ONLY) or path.startswith("/v1/local/"):
+    if path in LOCAL_ONLY or path.startswith("/v1/local/"):
         return False
     kind = route_class(method, path)
-    if kind == "agent":
+    if kind == "agent" or (method, path) == ("POST", "/v1/swarm/nodes"):  # joining writes too
         return True
     if path.startswith("/v1/swarm/join-token/"):
         return True  # may rotate

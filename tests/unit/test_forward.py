@@ -1,0 +1,27 @@
+"""Which requests a follower manager hands to the leader."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.daemon.forward import needs_leader
+
+
+@pytest.mark.parametrize(("method", "path", "leader"), [
+    ("GET", "/v1/services", False),              # reads: the replica answers
+    ("GET", "/v1/tasks", False),
+    ("POST", "/v1/services", True),              # writes go to the leader
+    ("DELETE", "/v1/services/web", True),
+    ("POST", "/v1/nodes/n1/update", True),
+    ("POST", "/v1/swarm/nodes", True),           # a node joining through a follower
+    ("GET", "/v1/ca", False),                    # the roots: every manager has them
+    ("POST", "/v1/dispatcher/heartbeat", True),  # agents: redirected
+    ("GET", "/v1/dispatcher/assignments", True),
+    ("POST", "/v1/ca/renew", True),
+    ("GET", "/v1/swarm/join-token/worker", True),  # may rotate
+    ("POST", "/v1/swarm/leave", False),          # about this node itself
+    ("GET", "/v1/info", False),
+    ("POST", "/v1/local/tasks/t/exec", False),
+])
+def test_needs_leader(method: str, path: str, leader: bool) -> None:
+    assert needs_leader(method, path) is leader
