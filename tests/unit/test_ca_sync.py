@@ -1,0 +1,37 @@
+"""Every manager signs with the root the store says: a rotation made by one leader is the
+next leader's too (the CA travels sealed in the cluster object)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from corral.api.types import NodeRole
+from corral.manager.controlapi import ControlAPI
+from corral.manager.secretbox import SecretBox
+from corral.security import pki
+from corral.store.base import MemoryStore
+
+CSR = pki.make_csr(pki.new_key()).decode()
+
+
+def test_a_rotation_reaches_the_next_leader(tmp_path: Path) -> None:
+    store, box = MemoryStore(), SecretBox.at(tmp_path / "secrets.key")
+    first = ControlAPI(store, tmp_path / "m1" / "ca", box)
+    first.init_cluster(hostname="m1", addr="10.0.0.1", heartbeat_period=1.0, engine_version="t",
+                       csr=CSR)
+    second = ControlAPI(store, tmp_path / "m2" / "ca", box)  # another manager, same store
+    assert second.ca.root.cert_pem == first.ca.root.cert_pem
+    assert stat.S_IMODE((tmp_path / "m2" / "ca" / "root-key.pem").stat().st_mode) == 0o600
+    old_root = first.ca.root.cert_pem
+    first.rotate_ca()
+    assert second.ca.rotating and second.ca.root.cert_pem == first.ca.root.cert_pem != old_root
+    cert = second.renew(first.nodes()[0].id, pki.make_csr(pki.new_key()))
+    assert pki.signed_by(cert.cert.encode(), second.ca.root.cert_pem)
+    # The only node moved: the rotation is over for both, and tokens pin the new root.
+    assert not first.ca.rotating and not second.ca.rotating
+    token = pki.JoinToken.parse(second.join_token(NodeRole.WORKER, rotate=False))
+    assert token.pins(second.ca.root.cert_pem)
+    # The key is sealed in the store, never in clear.
+    sealed = store.view().cluster()
+    assert sealed is not None and second.ca.root.key_pem.decode() not in sealed.model_dump_json()
