@@ -227,6 +227,21 @@ async def test_a_fenced_out_leader_cannot_write(etcd: EtcdCluster) -> None:
 
 
 @needs_etcd
+async def test_a_write_dropped_by_stepping_down_is_not_reported_stored(etcd: EtcdCluster) -> None:
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+    async with _clients(etcd, 1) as (a,):
+        s, writer = await leading_store(a, prefix)
+        writer.cancel()  # the write below stays queued
+        await asyncio.gather(writer, return_exceptions=True)
+        s.update(lambda tx: tx.create(node(1)))
+        waiting = asyncio.create_task(s.flush(timeout=5))
+        await asyncio.sleep(0.1)
+        await s.step_down("lease lost")
+        with pytest.raises(NotWritable, match="lease lost"):
+            await waiting
+
+
+@needs_etcd
 async def test_writes_survive_a_member_and_wait_out_a_lost_quorum(etcd: EtcdCluster) -> None:
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"
     async with _clients(etcd, 1) as (a,):

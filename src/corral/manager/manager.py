@@ -160,7 +160,7 @@ class Manager:
                               group.exceptions[0])
                     await asyncio.sleep(DEFAULT_TTL / 3)
                 finally:
-                    store.step_down("this manager is no longer the leader")
+                    await store.step_down("this manager is no longer the leader")
                     self._set_leading(False, "")
                     await election.resign()
         finally:

@@ -219,12 +219,14 @@ class EtcdStore(Store):
         self.fence = fence
         self.error = ""
 
-    def step_down(self, why: str) -> None:
-        """Stop writing: unwritten transactions are dropped (the next leader reconciles)."""
+    async def step_down(self, why: str) -> None:
+        """Stop writing: unwritten transactions are dropped (the next leader reconciles), and
+        whoever waits for them hears that they were not stored."""
         self.fence = None
         self.error = why
         self._queue.clear()
-        self._written = self._queued
+        async with self._progress:
+            self._progress.notify_all()
 
 
 async def check_etcd_is_free(endpoints: list[str], prefix: str = PREFIX) -> None:
