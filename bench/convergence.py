@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from corral.lab.lab import Lab
+from corral.testing.labs import local_api
 
 BASE = "127.0.0.41"
 PORT = 19300
@@ -55,7 +56,7 @@ def main() -> int:
     lab = Lab(Path(tempfile.mkdtemp()) / "lab")
     lab.up(3, BASE, 1.0, progress=lambda _: None)
     try:
-        c = httpx.Client(base_url=f"http://{BASE}:2377", timeout=10)
+        c = local_api(lab.nodes[0].socket)  # the manager node's own socket: its admin
         creates = []
         for i in range(3):
             name = f"bench{i}"

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from corral.lab.lab import Lab
+from corral.testing.labs import local_api
 
 SUBNET = "10.99.41.0/24"
 
@@ -45,7 +46,7 @@ def main() -> int:
     lab = Lab(Path(tempfile.mkdtemp()) / "lab")
     lab.up(3, heartbeat=1.0, progress=lambda _: None, netns=True, subnet=SUBNET)
     try:
-        c = httpx.Client(base_url=f"http://{lab.nodes[0].addr}:2377", timeout=10)
+        c = local_api(lab.nodes[0].socket)  # the manager node's own socket: its admin
         net = c.post("/v1/networks", json={"name": "bench", "subnet": "10.40.0.0/24"}).json()
         t0 = time.monotonic()
         c.post("/v1/services", json={"name": "web", "replicas": 3, "task": {"image": "whoami"},

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from corral.lab.lab import Lab
+from corral.testing.labs import local_api
 from corral.testing.load import Load
 
 BASE = "127.0.0.71"
@@ -44,7 +45,7 @@ def create(c: httpx.Client, name: str, port: int, replicas: int = 3, **spec: Any
 def main() -> int:
     lab = Lab(Path(tempfile.mkdtemp()) / "lab")
     lab.up(3, BASE, 1.0, progress=lambda _: None)
-    c = httpx.Client(base_url=f"http://{BASE}:2377", timeout=10)
+    c = local_api(lab.nodes[0].socket)  # the manager node's own socket: its admin
     rows = []
     try:
         for i, order in enumerate(("stop-first", "start-first")):
