@@ -179,8 +179,12 @@ def test_service_rm_leaves_no_namespace(swarm: LabSwarm) -> None:
 def test_secrets_live_only_in_the_tasks_own_mount_namespace(swarm: LabSwarm) -> None:
     value = "netns-" + os.urandom(6).hex()
     swarm.ok("secret", "create", "api_key", "-", input=value)
+    # Its health command sees the secret too (it runs in the task's namespaces): the service
+    # converges only once both tasks are healthy.
     swarm.ok("service", "create", "--name", "vault", "--replicas", "2", "--network", "backend",
-             "--secret", "source=api_key,target=key,mode=0400", "whoami")
+             "--secret", "source=api_key,target=key,mode=0400",
+             "--health-cmd", "test -s /run/secrets/key", "--health-interval", "1s", "whoami")
+    assert all(t["status"]["health"] == "healthy" for t in swarm.running("vault"))
     ids = [t["id"] for t in swarm.running("vault")]
     for slot in ("1", "2"):
         r = swarm.ok("service", "exec", f"vault.{slot}", "--", "sh", "-c",

@@ -130,6 +130,11 @@ def test_make_probe() -> None:
     assert isinstance(cmd, CommandProbe)
     assert cmd.argv == ["ip", "netns", "exec", "corral-abc", "true"]
     assert cmd.env == {"A": "1"}
+    # Once the task runs: its own namespaces, mount namespace included (its /run/secrets).
+    running = make_probe(HealthConfig(test=["CMD", "true"]), addr="10.0.0.2", port=0,
+                         netns="corral-abc", pid=4242)
+    assert isinstance(running, CommandProbe)
+    assert running.argv == ["nsenter", "-t", "4242", "--net", "--mount", "true"]
     plain = make_probe(HealthConfig(test=["CMD-SHELL", "exit 0"]), addr="x", port=0)
     assert isinstance(plain, CommandProbe) and plain.argv == ["/bin/sh", "-c", "exit 0"]
     http = make_probe(HealthConfig(http_path="/h?x=1"), addr="10.0.0.2", port=8080)

@@ -141,12 +141,18 @@ class CommandProbe:
     whole group is killed, including whatever it started in the background.
     """
 
-    def __init__(self, test: Sequence[str], *, netns: str | None = None,
+    def __init__(self, test: Sequence[str], *, netns: str | None = None, pid: int = 0,
                  env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> None:
         argv = command_argv(test)
         if not argv:
             raise ValueError("health check command is empty")
-        self.argv = ["ip", "netns", "exec", netns, *argv] if netns else argv
+        if netns and pid:
+            # The task's network and mount namespaces: it sees what the task sees
+            # (its /run/secrets included).
+            argv = ["nsenter", "-t", str(pid), "--net", "--mount", *argv]
+        elif netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.argv = argv
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
 
@@ -274,19 +280,19 @@ def check_config(config: HealthConfig) -> None:
 
 
 def make_probe(config: HealthConfig, *, addr: str, port: int, netns: str | None = None,
-               env: Mapping[str, str] | None = None,
+               pid: int = 0, env: Mapping[str, str] | None = None,
                cwd: str | Path | None = None) -> Probe | None:
     """The probe `config` asks for (None if it has none, e.g. `["NONE"]`).
 
-    `addr`/`port`: where the task listens (HTTP and TCP probes); `netns`: the task's network
-    namespace, where a command probe runs; `env`/`cwd`: the command's environment and
+    `addr`/`port`: where the task listens (HTTP and TCP probes); `netns`/`pid`: the task's
+    network namespace and process, whose namespaces a command probe runs in; `env`/`cwd`: the command's environment and
     directory (None: the daemon's). Raises InvalidArgument for a bad config.
     """
     check_config(config)
     if config.test:
         if config.test == ["NONE"]:
             return None
-        return CommandProbe(config.test, netns=netns, env=env, cwd=cwd)
+        return CommandProbe(config.test, netns=netns, pid=pid, env=env, cwd=cwd)
     if config.http_path is None and not config.tcp:
         return None
     if port <= 0:

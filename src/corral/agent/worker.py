@@ -192,7 +192,7 @@ class TaskRunner:
             return None
         try:
             probe = make_probe(cfg, addr=addr, port=port, netns=self.ctl.netns,
-                               env=self.ctl.environment())
+                               pid=self.ctl.pid, env=self.ctl.environment())
         except (ValueError, CorralError) as exc:
             self.health, self.health_output = Health.UNHEALTHY.value, str(exc)
             self.unhealthy = True
