@@ -9,10 +9,12 @@ Published port 19650.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from corral.manager.election import ELECTION_KEY
@@ -112,7 +114,7 @@ def test_the_leader_dies_and_the_swarm_carries_on(swarm: LabSwarm) -> None:
              what="node1 back as a follower")
 
 
-def test_promote_and_demote(swarm: LabSwarm) -> None:
+def test_promote_and_demote(swarm: LabSwarm, tmp_path: Path) -> None:
     n2, n4 = swarm.lab.node("node2").host, swarm.lab.node("node4").host
     assert "Node node4 promoted to a manager" in swarm.ok("node", "promote", "node4", host=n2).out
     wait_for(lambda: managers(swarm, n2).get("node4") == "Reachable", timeout=20,
@@ -121,15 +123,32 @@ def test_promote_and_demote(swarm: LabSwarm) -> None:
     wait_for(lambda: swarm.cli("service", "ls", host=n4).code == 0, timeout=20,
              what="node4's manager API")
     assert "web" in swarm.ok("service", "ls", host=n4).out
-    cert = (Path(swarm.lab.node("node4").data_dir) / "tls" / "node.pem").read_bytes()
-    assert pki.identity(cert).role == "manager"
+    tls4 = Path(swarm.lab.node("node4").data_dir) / "tls"
+    wait_for(lambda: pki.identity((tls4 / "node.pem").read_bytes()).role == "manager",
+             timeout=10, what="node4's manager certificate")
+    kept = tmp_path / "node4-manager"
+    shutil.copytree(tls4, kept)  # what a demoted manager might keep
+    n5 = swarm.lab.node("node5").addr
+    assert old_cert_call(kept, n5) == 404  # a manager may ask a node for a task's logs
     swarm.ok("node", "demote", "node4", host=n2)
     wait_for(lambda: "not a swarm manager" in swarm.cli("service", "ls", host=n4).err,
              timeout=20, what="node4 to be a worker again")
     assert "node4" not in managers(swarm, n2)
-    wait_for(lambda: pki.identity((Path(swarm.lab.node("node4").data_dir) / "tls" / "node.pem")
-                                  .read_bytes()).role == "worker", timeout=10,
-             what="node4's worker certificate")
+    wait_for(lambda: pki.identity((tls4 / "node.pem").read_bytes()).role == "worker",
+             timeout=10, what="node4's worker certificate")
+    # Its old manager certificate opens nothing on the other nodes any more: they know who
+    # the managers are from their assignments.
+    wait_for(lambda: old_cert_call(kept, n5) == 403, timeout=10,
+             what="node5 to refuse the demoted manager's old certificate")
+
+
+def old_cert_call(tls: Path, addr: str) -> int:
+    """Status of a node-local call to `addr` with the node certificate kept in `tls`."""
+    ctx = pki.client_context((tls / "ca.pem").read_bytes(), str(tls / "node.pem"),
+                             str(tls / "node-key.pem"))
+    with httpx.Client(verify=ctx, timeout=5) as c:
+        return c.get(f"https://{addr}:2377/v1/local/tasks/none/logs",
+                     extensions={"sni_hostname": pki.NODE_NAME}).status_code
 
 
 def test_lost_quorum_keeps_serving_then_recovers(swarm: LabSwarm) -> None:

@@ -264,6 +264,7 @@ class Agent:
         self._finished: set[str] = set()
         self.period = 1.0
         self.refused: str = ""
+        self.manager_ids: frozenset[str] = frozenset()  # the swarm's managers, as last told
 
     def report(self, update: StatusUpdate) -> None:
         self._outbox.append(update)
@@ -329,6 +330,8 @@ class Agent:
             self.session.set_managers(a.managers)
         if a.role is not None and self.on_role is not None:
             self.on_role(a.role)
+        if a.manager_ids:
+            self.manager_ids = frozenset(a.manager_ids)
         if self.apply_networks is not None:
             # Networks first: a task about to be prepared needs its bridge to exist.
             try:

@@ -176,10 +176,15 @@ class Daemon:
         return self._cluster_id
 
     def node_roles(self) -> Callable[[str], Role | None] | None:
-        """On a manager: what the store says a node is now (None: removed)."""
+        """On a manager: what the store says a node is now (None: removed). On a worker:
+        a manager only if the last assignments named it one."""
         manager = self.manager
         if manager is None:
-            return None
+            agent = self.agent
+            if agent is None or not agent.manager_ids:
+                return None
+            ids = agent.manager_ids
+            return lambda node_id: "manager" if node_id in ids else "worker"
 
         def role(node_id: str) -> Role | None:
             n = manager.store.view().get(Node, node_id)

@@ -115,6 +115,9 @@ class Assignments(Model):
     role: NodeRole | None = None
     # Control addresses of the swarm's managers (agents fail over between them).
     managers: list[str] = Field(default_factory=list)
+    # Node IDs of the swarm's managers: a node answers managers' calls (logs, exec) only from
+    # these, so a demoted or removed manager's old certificate opens nothing there either.
+    manager_ids: list[str] = Field(default_factory=list)
     # The secrets this node's tasks use — only those (swarmkit sends no other), in clear:
     # the session is mutual TLS.
     secrets: list[TaskSecret] = Field(default_factory=list)
@@ -253,6 +256,8 @@ class Dispatcher:
                            services=service_endpoints(services, all_tasks, nodes),
                            host_endpoints=host_endpoints(tasks, nodes),
                            role=nodes[node_id].spec.role if node_id in nodes else None,
+                           manager_ids=sorted(n.id for n in nodes.values()
+                                              if n.spec.role is NodeRole.MANAGER),
                            managers=sorted(f"{n.description.addr}:{API_PORT}" for n in nodes.values()
                                            if n.spec.role is NodeRole.MANAGER
                                            and n.status.state is not NodeState.DOWN),
