@@ -387,3 +387,14 @@ def test_memory_store_forgets(factory: Factory) -> None:
     second = factory()
     persisted = isinstance(second, SQLiteStore)
     assert (second.view().get(Node, "node1") is not None) is persisted
+
+
+def test_a_transaction_copies_only_the_tables_it_writes() -> None:
+    """Reads stay cheap at scale: an update of one node does not copy every task."""
+    store = MemoryStore()
+    store.update(lambda tx: [tx.create(mk_node(1)), tx.create(mk_service())])
+    services_before, nodes_before = store._tables["service"], store._tables["node"]
+    store.update(lambda tx: tx.update(tx.must_get(Node, mk_node(1).id)))
+    assert store._tables["service"] is services_before  # untouched: shared, not copied
+    assert store._tables["node"] is not nodes_before  # written: a new table was committed
+    assert nodes_before[mk_node(1).id].version == 1  # and the old one was never changed

@@ -101,13 +101,22 @@ class WriteTx(ReadTx):
     def __init__(self, tables: Tables) -> None:
         super().__init__(tables)
         self.events: list[Event] = []
+        self._copied: set[str] = set()
+
+    def _writable(self, kind: str) -> dict[str, StoredObject]:
+        """The transaction's own copy of one table, made on its first write: a transaction
+        copies only what it changes, and the committed tables stay untouched until commit."""
+        if kind not in self._copied:
+            self._tables[kind] = dict(self._tables[kind])
+            self._copied.add(kind)
+        return self._tables[kind]
 
     def create(self, obj: Obj) -> Obj:
         kind = kind_of(obj)
         if obj.id in self._tables[kind]:
             raise Conflict(f"{kind} {obj.id} already exists")
         stored = obj.model_copy(update={"version": 1})
-        self._tables[kind][obj.id] = stored
+        self._writable(kind)[obj.id] = stored
         self.events.append(Event(Action.CREATE, kind, stored))
         return stored
 
@@ -122,13 +131,13 @@ class WriteTx(ReadTx):
                 f"the change was based on {obj.version}"
             )
         stored = obj.model_copy(update={"version": obj.version + 1})
-        self._tables[kind][obj.id] = stored
+        self._writable(kind)[obj.id] = stored
         self.events.append(Event(Action.UPDATE, kind, stored, old))
         return stored
 
     def delete(self, cls: type[Obj], id: str) -> None:
         kind = kind_of(cls)
-        old = self._tables[kind].pop(id, None)
+        old = self._writable(kind).pop(id, None) if id in self._tables[kind] else None
         if old is not None:
             self.events.append(Event(Action.DELETE, kind, old, old))
 
@@ -192,7 +201,7 @@ class Store:
 
     def update(self, fn: Callable[[WriteTx], T]) -> T:
         """Run `fn` in a write transaction; commit its changes atomically or none of them."""
-        staged: Tables = {k: dict(v) for k, v in self._tables.items()}
+        staged: Tables = dict(self._tables)  # tables themselves are copied on first write
         tx = WriteTx(staged)
         result = fn(tx)
         if tx.events:
