@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from corral.api.errors import CorralError
+from corral.api.errors import CorralError, InvalidArgument
 from corral.cli.context import State, client
 from corral.cli.parse import parse_duration
 from corral.client import Client, TlsFiles, default_tls
@@ -37,6 +37,11 @@ def init(ctx: typer.Context,
              help="Where the store lives: sqlite (this manager) or etcd (several managers)")] = "sqlite",
          etcd_endpoints: Annotated[Optional[str], typer.Option(
              help="With --store etcd: HOST:PORT[,HOST:PORT…] of the etcd cluster")] = None,
+         etcd_cacert: Annotated[Optional[Path], typer.Option(
+             help="etcd over TLS: the CA of etcd's certificates")] = None,
+         etcd_cert: Annotated[Optional[Path], typer.Option(
+             help="etcd over TLS: a client certificate (etcd --client-cert-auth)")] = None,
+         etcd_key: Annotated[Optional[Path], typer.Option(help="…and its key")] = None,
          ) -> None:
     """Initialize a swarm: this node becomes its manager and its certificate authority."""
     period = parse_duration(dispatcher_heartbeat)
@@ -46,11 +51,23 @@ def init(ctx: typer.Context,
                                             "store": store,
                                             "etcd_endpoints": [e.strip() for e in
                                                                (etcd_endpoints or "").split(",")
-                                                               if e.strip()]})
+                                                               if e.strip()],
+                                            "etcd_ca": _read_pem(etcd_cacert),
+                                            "etcd_cert": _read_pem(etcd_cert),
+                                            "etcd_key": _read_pem(etcd_key)})
     typer.echo(f"Swarm initialized: current node ({r['node_id']}) is now a manager.\n")
     typer.echo(_join_hint(r["worker_token"], r["manager_addr"], "worker"))
     typer.echo("To add a manager to this swarm, run 'corral swarm join-token manager' and "
                "follow the instructions.\n")
+
+
+def _read_pem(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 @app.command()

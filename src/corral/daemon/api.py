@@ -41,6 +41,7 @@ from corral.manager.controlapi import (
     NodeUpdate,
 )
 from corral.manager.dispatcher import Assignments, StatusUpdate
+from corral.manager.etcdconf import EtcdConfig
 from corral.manager.manager import Manager
 from corral.security.authz import Peer
 from corral.security.pki import NODE_NAME, bundle_digest
@@ -54,6 +55,9 @@ class InitRequest(Model):
     # Where the store lives: this manager's SQLite, or etcd (then more managers can join).
     store: Literal["sqlite", "etcd"] = "sqlite"
     etcd_endpoints: list[str] = Field(default_factory=list)
+    etcd_ca: str = ""  # PEM: etcd's CA, a client certificate and its key (etcd over TLS)
+    etcd_cert: str = ""
+    etcd_key: str = ""
 
 
 class SecretInfo(Model):
@@ -197,12 +201,12 @@ def make_app(daemon: Daemon) -> FastAPI:
 
     @app.post("/v1/swarm/init")
     async def swarm_init(req: InitRequest) -> InitResponse:
-        if req.store == "etcd" and not req.etcd_endpoints:
-            raise InvalidArgument("--store etcd needs --etcd-endpoints HOST:PORT[,HOST:PORT…]")
-        if req.store == "sqlite" and req.etcd_endpoints:
-            raise InvalidArgument("--etcd-endpoints needs --store etcd")
+        if req.store == "sqlite" and (req.etcd_endpoints or req.etcd_ca):
+            raise InvalidArgument("--etcd-* options need --store etcd")
+        etcd = (EtcdConfig(endpoints=req.etcd_endpoints, ca=req.etcd_ca, cert=req.etcd_cert,
+                           key=req.etcd_key) if req.store == "etcd" else None)
         node_id, token = await daemon.init_swarm(req.advertise_addr, req.heartbeat_period,
-                                                 req.cert_expiry, req.etcd_endpoints or None)
+                                                 req.cert_expiry, etcd)
         assert daemon.identity is not None
         return InitResponse(node_id=node_id, worker_token=token,
                             manager_addr=daemon.identity.manager_addr)

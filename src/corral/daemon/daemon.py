@@ -45,7 +45,8 @@ from corral.dataplane.ingress import IngressMesh
 from corral.dataplane.worker import encode as encode_update
 from corral.manager.controlapi import JoinRequest, JoinResponse
 from corral.manager.dispatcher import Assignments, Endpoint
-from corral.manager.manager import Manager, install_manager_keys, save_etcd_endpoints
+from corral.manager.etcdconf import EtcdConfig
+from corral.manager.manager import Manager, install_manager_keys
 from corral.store.etcd import check_etcd_is_free
 from corral.security.nodetls import NodeTLS
 from corral.security.pki import (
@@ -436,10 +437,10 @@ class Daemon:
         return f"{node_id}@{self.api_addr}"
 
     async def init_swarm(self, advertise_addr: str | None, heartbeat_period: float,
-                         cert_expiry: float, etcd_endpoints: list[str] | None = None
+                         cert_expiry: float, etcd: EtcdConfig | None = None
                          ) -> tuple[str, str]:
         """Become the manager of a new swarm (and its CA); returns (node id, worker token).
-        With `etcd_endpoints` the store lives in etcd, where more managers can join it."""
+        With `etcd` the store lives in etcd, where more managers can join it."""
         async with self._lock:
             if self.identity is not None:
                 raise InvalidArgument("This node is already part of a swarm. Use \"corral swarm "
@@ -448,9 +449,10 @@ class Daemon:
             if ":" not in adv:
                 adv = f"{adv}:{self.api_port}"
             node_id = new_id()
-            if etcd_endpoints:
-                await check_etcd_is_free(etcd_endpoints)
-                save_etcd_endpoints(self.data_dir, etcd_endpoints)
+            if etcd is not None:
+                etcd.check()
+                await check_etcd_is_free(etcd.client())
+                etcd.save(self.data_dir)
             manager = Manager.open(self.data_dir, self._me(node_id))
             try:
                 if manager.ha:

@@ -45,6 +45,7 @@ from corral.manager.constraints import parse_constraints
 from corral.manager.ipam import check_overlap, gateway_of, parse_subnet
 from corral.manager.updater import rollback
 from corral.manager.ca import CertificateAuthority
+from corral.manager.etcdconf import EtcdConfig
 from corral.manager.secretbox import SecretBox
 from corral.security.pki import DEFAULT_CERT_EXPIRY, JoinToken, Role, new_join_secret
 from corral.store.base import ReadTx, Store, WriteTx
@@ -67,7 +68,7 @@ class JoinRequest(Model):
 
 
 class ManagerKeys(Model):
-    etcd_endpoints: list[str]
+    etcd: EtcdConfig
     ca_cert: str
     ca_key: str
     ca_bundle: str
@@ -149,10 +150,10 @@ class ControlAPI:
     """Cluster operations on behalf of users and joining nodes."""
 
     def __init__(self, store: Store, ca_dir: Path | None = None,
-                 box: SecretBox | None = None, etcd_endpoints: list[str] | None = None) -> None:
+                 box: SecretBox | None = None, etcd: EtcdConfig | None = None) -> None:
         self.store = store
         # Where the store lives when several managers share it (None: this manager's SQLite).
-        self.etcd_endpoints = etcd_endpoints
+        self.etcd = etcd
         self.ca_dir = ca_dir
         self._ca = CertificateAuthority.load(ca_dir)
         self._ca_version = 0
@@ -227,9 +228,9 @@ class ControlAPI:
     def manager_keys(self) -> ManagerKeys | None:
         """What another manager needs to lead one day: the store's address, the CA's key and
         the key secrets are sealed with (sent only to managers, over mutual TLS)."""
-        if self.etcd_endpoints is None:
+        if self.etcd is None:
             return None
-        return ManagerKeys(etcd_endpoints=self.etcd_endpoints,
+        return ManagerKeys(etcd=self.etcd,
                            ca_cert=self.ca.root.cert_pem.decode(),
                            ca_key=self.ca.root.key_pem.decode(),
                            ca_bundle=self.ca.bundle_pem.decode(), ca_cross=self.ca.cross_pem.decode(),
@@ -264,7 +265,7 @@ class ControlAPI:
         if hmac.compare_digest(token.secret, cluster.worker_secret):
             role = NodeRole.WORKER
         elif hmac.compare_digest(token.secret, cluster.manager_secret):
-            if self.etcd_endpoints is None:
+            if self.etcd is None:
                 raise InvalidArgument("joining as a manager needs a replicated store (swarm init "
                                       "--store etcd): this swarm keeps its store in one "
                                       "manager's SQLite; join with the worker token")
@@ -355,7 +356,7 @@ class ControlAPI:
     def update_node(self, ref: str, upd: NodeUpdate) -> Node:
         node = self.node(ref)
         if upd.role is NodeRole.MANAGER and node.spec.role is NodeRole.WORKER \
-                and self.etcd_endpoints is None:
+                and self.etcd is None:
             raise InvalidArgument("promoting a node to manager needs a replicated store (swarm "
                                   "init --store etcd): this swarm keeps its store in one "
                                   "manager's SQLite")

@@ -21,6 +21,7 @@ from corral.manager.ca import CertificateAuthority
 from corral.manager.controlapi import ControlAPI, ManagerKeys
 from corral.manager.dispatcher import Dispatcher
 from corral.manager.election import DEFAULT_TTL, Election
+from corral.manager.etcdconf import EtcdConfig
 from corral.manager.orchestrator import Orchestrator
 from corral.manager.scheduling import Scheduler
 from corral.manager.secretbox import SecretBox
@@ -29,31 +30,13 @@ from corral.security.files import write_private
 from corral.security.pki import CertKey
 from corral.store.base import Store
 from corral.store.etcd import EtcdStore, LeadershipLost
-from corral.store.etcd_client import EtcdClient, EtcdRefused, EtcdUnavailable
+from corral.store.etcd_client import EtcdRefused, EtcdUnavailable
 from corral.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
 
-ETCD_CONFIG = "etcd.json"
-"""In the manager's directory: the etcd endpoints of a swarm that keeps its store there."""
-
-
 class LostLeadership(Exception):
     """The election lease is gone: stop leading."""
-
-
-def etcd_endpoints(data_dir: Path) -> list[str] | None:
-    """The etcd endpoints this node's manager uses, or None (SQLite)."""
-    try:
-        return list(json.loads((data_dir / "manager" / ETCD_CONFIG).read_text())["endpoints"])
-    except FileNotFoundError:
-        return None
-
-
-def save_etcd_endpoints(data_dir: Path, endpoints: list[str]) -> None:
-    d = data_dir / "manager"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / ETCD_CONFIG).write_text(json.dumps({"endpoints": endpoints}))
 
 
 def install_manager_keys(data_dir: Path, keys: ManagerKeys) -> None:
@@ -62,17 +45,17 @@ def install_manager_keys(data_dir: Path, keys: ManagerKeys) -> None:
     CertificateAuthority(mdir / "ca", CertKey(keys.ca_cert.encode(), keys.ca_key.encode()),
                          keys.ca_bundle.encode(), keys.ca_cross.encode()).save()
     write_private(mdir / "secrets.key", base64.b64decode(keys.box_key))
-    save_etcd_endpoints(data_dir, keys.etcd_endpoints)
+    keys.etcd.save(data_dir)
 
 
 class Manager:
     """Owns the store and runs every manager component — while it leads."""
 
     def __init__(self, store: Store, ca_dir: Path | None = None,
-                 box: SecretBox | None = None, election: Election | None = None) -> None:
+                 box: SecretBox | None = None, election: Election | None = None,
+                 etcd: EtcdConfig | None = None) -> None:
         self.store = store
-        self.control = ControlAPI(store, ca_dir, box,
-                                  election.client.endpoints if election is not None else None)
+        self.control = ControlAPI(store, ca_dir, box, etcd)
         self.dispatcher = Dispatcher(store, self.control.open_secret)
         self.components = [Orchestrator(store), Allocator(store), Scheduler(store), Updater(store)]
         self.election = election
@@ -87,13 +70,13 @@ class Manager:
         `me` ("node_id@host:port") is what the election key says while this one leads."""
         mdir = data_dir / "manager"
         box = SecretBox.at(mdir / "secrets.key")
-        endpoints = etcd_endpoints(data_dir)
-        if endpoints is None:
+        etcd = EtcdConfig.load(data_dir)
+        if etcd is None:
             store = SQLiteStore(mdir / "store.db")
             store.open()
             return cls(store, mdir / "ca", box)
-        client = EtcdClient(endpoints)
-        return cls(EtcdStore(client), mdir / "ca", box, Election(client, me))
+        client = etcd.client()
+        return cls(EtcdStore(client), mdir / "ca", box, Election(client, me), etcd)
 
     @property
     def ha(self) -> bool:

@@ -229,12 +229,13 @@ class EtcdStore(Store):
             self._progress.notify_all()
 
 
-async def check_etcd_is_free(endpoints: list[str], prefix: str = PREFIX) -> None:
-    """Refuse to start a swarm in an etcd that holds one already (or cannot be reached)."""
-    client = EtcdClient(endpoints)
+async def check_etcd_is_free(client: EtcdClient, prefix: str = PREFIX) -> None:
+    """Refuse to start a swarm in an etcd that holds one already (or cannot be reached);
+    closes `client`."""
+    endpoints = client.endpoints
     try:
         kvs, _ = await client.range_prefix(prefix)
-    except EtcdUnavailable as exc:
+    except (EtcdUnavailable, EtcdRefused) as exc:
         raise NotWritable(f"cannot use etcd at {', '.join(endpoints)}: {exc}") from None
     finally:
         await client.close()

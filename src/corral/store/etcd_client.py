@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -102,12 +103,16 @@ def op_range(key: str) -> dict[str, Any]:
 class EtcdClient:
     """Calls to an etcd cluster through whichever of its endpoints answers."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 3.0) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout: float = 3.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: etcd's CA (and a client certificate, for --client-cert-auth); endpoints
+        then default to https."""
         if not endpoints:
             raise ValueError("no etcd endpoints")
-        self.endpoints = [e if "://" in e else f"http://{e}" for e in endpoints]
+        scheme = "https" if tls is not None else "http"
+        self.endpoints = [e if "://" in e else f"{scheme}://{e}" for e in endpoints]
         self._current = 0
-        self._http = httpx.AsyncClient(timeout=timeout)
+        self._http = httpx.AsyncClient(timeout=timeout, verify=tls if tls is not None else True)
 
     @property
     def current_endpoint(self) -> str:

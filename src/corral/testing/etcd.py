@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,51 @@ def etcd_available() -> bool:
     return shutil.which("etcd") is not None
 
 
+def make_tls(directory: Path, addrs: list[str]) -> dict[str, Path]:
+    """A CA, a server certificate for `addrs` (IP SANs, as etcd's clients check) and a client
+    certificate: what etcd's --cert-file/--key-file/--trusted-ca-file/--client-cert-auth use."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from corral.security.pki import create_root_ca, key_to_pem
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = create_root_ca("etcd-test")
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def issue(name: str, usage: list[x509.ObjectIdentifier], sans: list[x509.GeneralName]) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(ca_cert.subject).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=1))
+             .not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.ExtendedKeyUsage(usage), critical=False))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = b.sign(ca_key, hashes.SHA256())
+        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{name}-key.pem").write_bytes(key_to_pem(key))
+
+    # etcd's JSON gateway dials etcd itself showing the server certificate: it must be good
+    # for client authentication too (etcd's own guides issue them that way).
+    issue("server", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+          [x509.IPAddress(ipaddress.ip_address(a)) for a in addrs])
+    issue("client", [ExtendedKeyUsageOID.CLIENT_AUTH], [])
+    (directory / "ca.pem").write_bytes(ca.cert_pem)
+    return {"ca": directory / "ca.pem", "server": directory / "server.pem",
+            "server-key": directory / "server-key.pem", "client": directory / "client.pem",
+            "client-key": directory / "client-key.pem"}
+
+
 @dataclass
 class Member:
     name: str
@@ -28,9 +74,11 @@ class Member:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
 
+    scheme: str = "http"
+
     @property
     def endpoint(self) -> str:
-        return f"http://{self.addr}:{self.client_port}"
+        return f"{self.scheme}://{self.addr}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -45,10 +93,15 @@ class EtcdCluster:
     addrs: list[str]
     token: str = "corral-test"
     members: list[Member] = field(default_factory=list)
+    tls: bool = False  # clients over TLS, with client certificates required
+    tls_files: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.members = [Member(f"etcd{i + 1}", a, 2379, 2380, self.root / f"etcd{i + 1}")
+        self.members = [Member(f"etcd{i + 1}", a, 2379, 2380, self.root / f"etcd{i + 1}",
+                               scheme="https" if self.tls else "http")
                         for i, a in enumerate(self.addrs)]
+        if self.tls:
+            self.tls_files = make_tls(self.root / "tls", self.addrs)
 
     @property
     def endpoints(self) -> list[str]:
@@ -73,6 +126,10 @@ class EtcdCluster:
         if initial is not None:
             argv += ["--initial-cluster", initial, "--initial-cluster-state", "new",
                      "--initial-cluster-token", self.token]
+        if self.tls:
+            f = self.tls_files
+            argv += ["--cert-file", str(f["server"]), "--key-file", str(f["server-key"]),
+                     "--trusted-ca-file", str(f["ca"]), "--client-cert-auth"]
         with open(m.data_dir.parent / f"{m.name}.log", "ab") as log:
             m.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
@@ -84,9 +141,16 @@ class EtcdCluster:
                 raise RuntimeError(f"{m.name} exited ({m.proc.returncode}); see "
                                    f"{m.data_dir.parent / (m.name + '.log')}")
             try:
-                if httpx.get(f"{m.endpoint}/health", timeout=1).json().get("health") == "true":
+                if self.tls:
+                    f = self.tls_files
+                    ctx = ssl.create_default_context(cafile=str(f["ca"]))
+                    ctx.load_cert_chain(f["client"], f["client-key"])
+                    r = httpx.get(f"{m.endpoint}/health", timeout=1, verify=ctx)
+                else:
+                    r = httpx.get(f"{m.endpoint}/health", timeout=1)
+                if r.json().get("health") == "true":
                     return
-            except (httpx.HTTPError, ValueError):
+            except (httpx.HTTPError, ValueError, ssl.SSLError):
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"{m.name} did not become healthy in time")
