@@ -585,8 +585,10 @@ class ClientSide(_Side):
                     if not self.timed_out:
                         raise  # cancelled by the mesh (close, client gone)
                     self.timed_out = False
-                    if self.task is not None:
-                        self.task.uncancel()
+                    # Only our timer's cancel is absorbed: if the mesh cancelled too (close,
+                    # client gone) in the same turn, a cancel request remains — honour it.
+                    if self.task is not None and self.task.uncancel() > 0:
+                        raise
                     failed = True
                 finally:
                     timer.cancel()
@@ -637,6 +639,7 @@ class ClientSide(_Side):
         if peer is not None:
             peer.peer = peer.out = None
             self.peer = self.out = None
+        self.pair = None  # a spliced pair has let go of us (splice.SplicedPair.close)
         route = self.route
         route.stats.active -= 1
         route.registry.discard(self)

@@ -83,7 +83,7 @@ def close_pool() -> None:
 class _Flow:
     """One direction of a spliced pair: ``src`` socket → pipe → ``dst`` socket."""
 
-    __slots__ = ("pair", "src", "dst", "pipe", "pending", "eof", "waiting", "on_read")
+    __slots__ = ("pair", "src", "dst", "pipe", "pending", "eof", "waiting")
 
     def __init__(self, pair: SplicedPair, src: socket.socket, dst: socket.socket) -> None:
         self.pair = pair
@@ -93,7 +93,6 @@ class _Flow:
         self.pending = 0  # bytes in the pipe, not yet in dst
         self.eof = False  # src sent EOF
         self.waiting = False  # dst is full: reading src stopped, waiting for dst writable
-        self.on_read: Callable[[], None] = pair.on_read
 
     def readable(self) -> None:
         """Move what ``src`` has into the pipe, then on into ``dst``."""
@@ -116,7 +115,7 @@ class _Flow:
             _release(pipe)
             self.pair.ended(self)
             return
-        self.on_read()
+        self.pair.on_read()
         self.pending = n
         self.flush()
 
@@ -155,6 +154,10 @@ class _Flow:
         if self.pipe is not None:
             _discard(self.pipe)
             self.pipe = None
+
+
+def _nothing() -> None:
+    pass
 
 
 class SplicedPair:
@@ -203,4 +206,5 @@ class SplicedPair:
         self.ba.close()
         self.a.close()
         self.b.close()
-        self.on_close()
+        on_close, self.on_read, self.on_close = self.on_close, _nothing, _nothing
+        on_close()  # and let go of the connection it belongs to (no cycle left to collect)
