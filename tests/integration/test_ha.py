@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from corral.lab.lab import pid_alive
 from corral.manager.election import ELECTION_KEY
 from corral.security import pki
 from corral.store.etcd_client import EtcdClient, EtcdUnavailable
@@ -38,6 +39,15 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabSwarm]:
         s.ok("service", "create", "--name", "web", "--replicas", "4", "-p", f"{PORT}:80",
              "--constraint", "node.role==worker", "whoami")
         yield s
+
+
+@pytest.fixture(autouse=True)
+def revive(swarm: LabSwarm) -> Iterator[None]:
+    """A test that fails with nodes killed leaves them running again for the next one."""
+    yield
+    for n in swarm.lab.nodes:
+        if not pid_alive(n.pid):
+            swarm.lab.start(n.name)
 
 
 def managers(swarm: LabSwarm, via: str) -> dict[str, str]:
@@ -93,7 +103,7 @@ def test_the_leader_dies_and_the_swarm_carries_on(swarm: LabSwarm) -> None:
         time.sleep(0.5)
         killed = time.monotonic()
         swarm.lab.kill("node1")  # the leader, with its etcd member
-        elected = asyncio.run(next_leader(swarm, "127.0.0.111")) - killed
+        elected = asyncio.run(asyncio.wait_for(next_leader(swarm, "127.0.0.111"), 20)) - killed
         new = wait_for(lambda: leader(swarm, n2) not in ("", "node1") and leader(swarm, n2),
                        timeout=20, interval=0.2, what="a new leader")
         took = time.monotonic() - killed
@@ -170,5 +180,9 @@ def test_lost_quorum_keeps_serving_then_recovers(swarm: LabSwarm) -> None:
     for name in down:
         swarm.lab.start(name)
     wait_for(lambda: leader(swarm, host) != "", timeout=30, interval=0.5, what="a leader again")
-    swarm.ok("service", "create", "--name", "recovered", "--replicas", "1", "whoami", host=host)
+    # Writes work again once the new leader has caught up with the store and took over.
+    wait_for(lambda: swarm.cli("service", "create", "--name", "recovered", "--replicas", "1",
+                               "whoami", host=host).code == 0
+             or "recovered" in swarm.ok("service", "ls", host=host).out,
+             timeout=30, interval=0.5, what="writes to work again")
     assert "never" not in swarm.ok("service", "ls", host=host).out

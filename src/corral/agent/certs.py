@@ -24,11 +24,12 @@ def check_interval(tls: NodeTLS) -> float:
 async def renew(session: ManagerSession, tls: NodeTLS,
                 on_trust_changed: Callable[[], Awaitable[None]]) -> None:
     """One renewal: a new key, a certificate for it, and the roots the manager trusts now."""
-    resp = await session.renew(tls.new_csr())
-    if tls.trust(resp.ca.encode()):
-        await on_trust_changed()
-    tls.install(resp.cert.encode())
-    session.reconnect()
+    async with tls.renewing:
+        resp = await session.renew(tls.new_csr())
+        if tls.trust(resp.ca.encode()):
+            await on_trust_changed()
+        tls.install(resp.cert.encode())
+        session.reconnect()
     ident = tls.identity()
     log.info("node certificate renewed (%s, serial %x, valid until %s)", ident.role,
              ident.serial, ident.not_after.isoformat(timespec="seconds"))

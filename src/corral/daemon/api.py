@@ -44,7 +44,7 @@ from corral.manager.dispatcher import Assignments, StatusUpdate
 from corral.manager.etcdconf import EtcdConfig
 from corral.manager.manager import Manager
 from corral.security.authz import Peer
-from corral.security.pki import NODE_NAME, bundle_digest
+from corral.security.pki import bundle_digest
 
 
 class InitRequest(Model):
@@ -373,7 +373,7 @@ def make_app(daemon: Daemon) -> FastAPI:
             try:
                 r = await client.get(f"https://{node.description.addr}:{daemon.api_port}"
                                      f"/v1/local/tasks/{t.id}/logs", params={"tail": tail} if tail else {},
-                                     extensions={"sni_hostname": NODE_NAME})
+                                     extensions={"sni_hostname": node.id})
             except httpx.HTTPError:
                 return []  # a node that is down cannot show its logs; docker skips it too
             if r.status_code != 200:
@@ -395,7 +395,7 @@ def make_app(daemon: Daemon) -> FastAPI:
             async with daemon.node_client(timeout=req.timeout + 5.0) as client:
                 r = await client.post(f"https://{node.description.addr}:{daemon.api_port}"
                                       f"/v1/local/tasks/{task.id}/exec", json=req.model_dump(),
-                                      extensions={"sni_hostname": NODE_NAME})
+                                      extensions={"sni_hostname": node.id})
         except httpx.HTTPError as exc:
             raise InvalidArgument(f"cannot reach node {node.hostname}: {exc}") from None
         if r.status_code != 200:

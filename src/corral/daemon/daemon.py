@@ -305,6 +305,10 @@ class Daemon:
             save_identity(self.data_dir, self.identity)
 
     async def _stop_agent(self) -> None:
+        if self._role_task is not None:
+            self._role_task.cancel()
+            await asyncio.gather(self._role_task, return_exceptions=True)
+            self._role_task = None
         if self._certs_task is not None:
             self._certs_task.cancel()
             try:

@@ -20,7 +20,7 @@ import httpx
 
 from corral.api.errors import CorralError
 from corral.security.authz import route_class
-from corral.security.pki import NODE_NAME
+from corral.agent.session import MANAGER_NAME
 
 if TYPE_CHECKING:
     from corral.daemon.daemon import Daemon
@@ -35,7 +35,7 @@ NO_LEADER = ("no manager leads the swarm right now: an election is under way, or
 
 def needs_leader(method: str, path: str) -> bool:
     """Whether a request must be served by the leader rather than this manager's replica."""
-    if path in LOCAL_ONLY or path.startswith("/v1/local/"):
+    if path in LOCAL_ONLY or path.startswith("/v1/local/") or path.endswith("/exec"):
         return False
     kind = route_class(method, path)
     if kind == "agent" or (method, path) == ("POST", "/v1/swarm/nodes"):  # joining writes too
@@ -67,7 +67,7 @@ def leader_door(app: ASGIApp, daemon: Daemon) -> ASGIApp:
             return
         method, path = scope["method"], scope["path"]
         if mgr.leading:
-            if method == "GET":
+            if not needs_leader(method, path):
                 await app(scope, receive, send)
                 return
             await app(scope, receive, _durable_send(send, mgr.durable))
@@ -76,6 +76,10 @@ def leader_door(app: ASGIApp, daemon: Daemon) -> ASGIApp:
             await app(scope, receive, send)
             return
         leader = mgr.leader_addr
+        if leader == daemon.api_addr:  # won the election, still catching up with the store
+            await _respond(send, 503, _error("this manager is taking over as the leader: "
+                                             "try again in a moment"))
+            return
         if not leader:
             await _respond(send, 503, _error(NO_LEADER))
             return
@@ -96,7 +100,7 @@ def leader_door(app: ASGIApp, daemon: Daemon) -> ASGIApp:
         try:
             async with daemon.node_client(timeout=30.0) as client:
                 r = await client.request(method, target, content=body, headers=headers,
-                                         extensions={"sni_hostname": NODE_NAME})
+                                         extensions={"sni_hostname": MANAGER_NAME})
         except httpx.HTTPError as exc:
             log.warning("forwarding %s %s to the leader %s: %r", method, path, leader, exc)
             await _respond(send, 503, _error(

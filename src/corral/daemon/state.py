@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from corral.api.types import Model, NodeRole
+from corral.security.files import write_private
 
 
 class NodeIdentity(Model):
@@ -32,14 +32,8 @@ def load_identity(data_dir: Path) -> NodeIdentity | None:
 
 
 def save_identity(data_dir: Path, ident: NodeIdentity) -> None:
-    p = identity_path(data_dir)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
     # Not a secret any more (the certificate is the credential), but nobody else's business.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(ident.model_dump_json())
-    tmp.replace(p)
+    write_private(identity_path(data_dir), ident.model_dump_json().encode())
 
 
 def forget_identity(data_dir: Path) -> None:

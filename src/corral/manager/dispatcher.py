@@ -174,6 +174,7 @@ class Dispatcher:
         # A new term: no node has a session with this manager yet, whatever came before.
         self._sessions.clear()
         self._started = time.time()
+        self.version += 1  # agents holding this manager's old version must see "changed"
         await asyncio.gather(self._watch_changes(), self._check_heartbeats())
 
     async def _watch_changes(self) -> None:

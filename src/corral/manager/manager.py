@@ -161,8 +161,7 @@ class Manager:
 
     def _set_leading(self, leading: bool, leader: str) -> None:
         self.leading = leading
-        if leader:
-            self.leader = leader
+        self.leader = leader  # "" on losing the lead: unknown until etcd says who has it
         self._leading_changed.set()
 
     async def _track_leader(self, election: Election) -> None:

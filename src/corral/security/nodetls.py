@@ -3,6 +3,7 @@ TLS contexts made from them, kept current as the certificate renews or the roots
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 import ssl
@@ -22,6 +23,8 @@ class NodeTLS:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self._pending_key: bytes | None = None
+        # new_csr() .. install() is one renewal: held across it (role change vs. half-life).
+        self.renewing = asyncio.Lock()
         self._server: ssl.SSLContext | None = None
         self._client: ssl.SSLContext | None = None
         # Bumped when the trusted roots change: contexts are then new objects, so listeners
@@ -63,15 +66,14 @@ class NodeTLS:
         if bundle_pem is not None:
             self._write_bundle(bundle_pem)
         write_private(self.key_file, self._pending_key)
-        self.cert_file.write_bytes(cert_pem)
+        write_private(self.cert_file, cert_pem)
         self._pending_key = None
         for ctx in (self._server, self._client):
             if ctx is not None:
                 ctx.load_cert_chain(self.cert_file, self.key_file)
 
     def _write_bundle(self, bundle_pem: bytes) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.ca_file.write_bytes(bundle_pem)
+        write_private(self.ca_file, bundle_pem)  # atomically: readers never see half a file
 
     def trust(self, bundle_pem: bytes) -> bool:
         """Trust exactly these roots from now on; True if that changed anything."""

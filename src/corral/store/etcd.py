@@ -218,6 +218,7 @@ class EtcdStore(Store):
         """This manager leads from now on (its writes carry `fence`)."""
         self.fence = fence
         self.error = ""
+        self._written = self._queued  # what an earlier term dropped is nobody's to wait for
 
     async def step_down(self, why: str) -> None:
         """Stop writing: unwritten transactions are dropped (the next leader reconciles), and
