@@ -1,4 +1,5 @@
-"""Control-plane timings on a real loopback lab, and the mesh against a direct connection.
+"""Control-plane timings on a real loopback lab, the idle daemons' memory, and the mesh against
+a direct connection.
 
 Prints: time for `service create` (3 replicas) to converge, time from `lab kill` of a node
 holding a replica until the node is seen down and 3/3 run again (default 1 s heartbeat), and
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from corral.lab.lab import Lab
-from corral.testing.labs import local_api
+from corral.testing.labs import idle_memory_line, local_api
 
 BASE = "127.0.0.41"
 PORT = 19300
@@ -56,6 +57,8 @@ def main() -> int:
     lab = Lab(Path(tempfile.mkdtemp()) / "lab")
     lab.up(3, BASE, 1.0, progress=lambda _: None)
     try:
+        time.sleep(2.0)  # let start-up settle (first heartbeats, certificate checks)
+        print(idle_memory_line(lab))
         c = local_api(lab.nodes[0].socket)  # the manager node's own socket: its admin
         creates = []
         for i in range(3):

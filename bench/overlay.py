@@ -1,5 +1,6 @@
 """Overlay timings on a real netns lab (root): service convergence on an overlay network, and
-how long a scale-up takes to reach the VIP rules inside a client task's namespace."""
+how long a scale-up takes to reach the VIP rules inside a client task's namespace; and the idle
+daemons' memory with the netns runtime."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 
 from corral.lab.lab import Lab
-from corral.testing.labs import local_api
+from corral.testing.labs import idle_memory_line, local_api
 
 SUBNET = "10.99.41.0/24"
 
@@ -46,6 +47,8 @@ def main() -> int:
     lab = Lab(Path(tempfile.mkdtemp()) / "lab")
     lab.up(3, heartbeat=1.0, progress=lambda _: None, netns=True, subnet=SUBNET)
     try:
+        time.sleep(2.0)  # let start-up settle (first heartbeats, certificate checks)
+        print(idle_memory_line(lab))
         c = local_api(lab.nodes[0].socket)  # the manager node's own socket: its admin
         net = c.post("/v1/networks", json={"name": "bench", "subnet": "10.40.0.0/24"}).json()
         t0 = time.monotonic()

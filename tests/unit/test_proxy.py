@@ -13,6 +13,7 @@ import pytest
 import uvloop
 
 from corral.dataplane.proxy import (
+    EARLY_LIMIT,
     Backend,
     ClientSide,
     PortStats,
@@ -243,8 +244,8 @@ def test_connect_timeout_moves_to_next_backend(run: Callable[[Scenario], None]) 
 def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
         # The client writes and half-closes before the upstream connect has
-        # finished; uvloop delivers those bytes even though the client side
-        # paused reading in connection_made(), so they must be held, not lost.
+        # finished: the client side reads those bytes while it connects, so they
+        # must be held and sent first, not lost.
         good = await asyncio.start_server(_greeter, "127.0.0.1", 0)
         try:
             ok = Backend("127.0.0.1", good.sockets[0].getsockname()[1])
@@ -264,6 +265,54 @@ def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None]) -
                 assert route.stats.total == 5
         finally:
             good.close()
+
+    run(scenario)
+
+
+def test_early_bytes_are_bounded_while_the_upstream_connects(
+        run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        # A backend whose accept queue is full: our connect hangs (SYN dropped) until the
+        # queue drains. Meanwhile the client sends far more than EARLY_LIMIT: the client
+        # side holds at most about EARLY_LIMIT (plus one read) and pauses reading; once the
+        # upstream connects, every byte arrives, in order.
+        loop = asyncio.get_running_loop()
+        backend = socket.socket()
+        filler = socket.socket()
+        client = socket.socket()
+        accepted: socket.socket | None = None
+        try:
+            backend.bind(("127.0.0.1", 0))
+            backend.listen(0)
+            filler.connect(backend.getsockname())
+            route = make_route([Backend("127.0.0.1", backend.getsockname()[1])], timeout=10.0)
+            # More than the kernel buffers on both sides of the client socket can hold.
+            payload = bytes(range(256)) * (64 * 1024)  # 16 MiB
+            async with proxy(route) as port:
+                client.setblocking(False)
+                await loop.sock_connect(client, ("127.0.0.1", port))
+                sender = loop.create_task(loop.sock_sendall(client, payload))
+                await asyncio.sleep(0.3)
+                (conn,) = route.registry
+                assert isinstance(conn, ClientSide) and conn.peer is None  # still connecting
+                assert conn.held and conn.early is not None
+                assert EARLY_LIMIT <= len(conn.early) < EARLY_LIMIT + 512 * 1024
+                assert not sender.done()  # the rest waits in the kernel, not in our memory
+                # Drain the accept queue: the retried SYN gets through, the proxy connects.
+                backend.accept()[0].close()
+                backend.setblocking(False)
+                accepted, _ = await asyncio.wait_for(loop.sock_accept(backend), 10)
+                got = bytearray()
+                while len(got) < len(payload):
+                    chunk = await asyncio.wait_for(loop.sock_recv(accepted, 1 << 20), 10)
+                    assert chunk
+                    got += chunk
+                assert bytes(got) == payload
+                await asyncio.wait_for(sender, 10)
+        finally:
+            for sock in (accepted, client, filler, backend):
+                if sock is not None:
+                    sock.close()
 
     run(scenario)
 

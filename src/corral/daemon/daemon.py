@@ -11,6 +11,7 @@ import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -19,7 +20,6 @@ from corral.agent.exec import TaskEnv
 from corral.agent.runtimes.process import ProcessExecutor
 from corral.agent.certs import keep_certificate, renew
 from corral.agent.session import MANAGER_NAME, ManagerSession
-from corral.agent.overlay import NodeOverlay
 from corral.agent.worker import Agent
 from corral.api.errors import CorralError, InvalidArgument, NotFound, NotInSwarm, NotManager
 from corral.api.types import API_PORT, Model, Node, NodeRole, TaskState, new_id
@@ -56,6 +56,9 @@ from corral.security.pki import (
     client_context,
     split_bundle,
 )
+
+if TYPE_CHECKING:  # the overlay (pyroute2, dnspython) is loaded only by the netns runtime
+    from corral.agent.overlay import NodeOverlay
 
 log = logging.getLogger(__name__)
 

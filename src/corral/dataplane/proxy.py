@@ -1,14 +1,14 @@
 """TCP forwarding for the routing mesh, built on asyncio Protocols.
 
 How this works: a listener accepts a client connection and creates a
-:class:`ClientSide` protocol. It pauses reading at once (so client bytes stay
-in the kernel, not in our memory; uvloop ignores that first pause, so at most
-one early read is held) and starts a small task that connects to a backend
+:class:`ClientSide` protocol. It keeps reading while it connects (the first bytes,
+usually a request, are held; past ``EARLY_LIMIT`` it pauses, so the rest stays in
+the kernel, not in our memory) and starts a small task that connects to a backend
 chosen by the :class:`Route` (round-robin over the current list, each backend
 tried at most once, each attempt bounded by a timeout, backends that recently
 failed to connect skipped while ejected — see :class:`Route`). When the upstream
 connects, an :class:`UpstreamSide` protocol is wired to the client side, any
-early bytes/EOF are forwarded, and the client is resumed. From then on no coroutine is
+early bytes/EOF are forwarded, and the client is resumed if it was paused. From then on no coroutine is
 involved: each side's ``data_received`` writes straight into the other side's
 transport, ``pause_writing``/``resume_writing`` on one side pause/resume
 reading on the other (back-pressure without our own buffers), and
@@ -295,6 +295,8 @@ def set_keepalive(transport: asyncio.BaseTransport) -> None:
 # Splice the bulk phase of connections (Linux), unless turned off for comparison.
 SPLICE = splice.available() and os.environ.get("CORRAL_MESH_SPLICE", "1") != "0"
 BULK_READ = splice.BULK_READ
+# Bytes a client may send before its upstream connection exists; then reading pauses.
+EARLY_LIMIT = 64 * 1024
 
 
 def _dup_socket(transport: asyncio.Transport) -> socket.socket | None:
@@ -497,7 +499,7 @@ class UpstreamSide(_Side):
 class ClientSide(_Side):
     """The accepted (client) end of a proxied connection."""
 
-    __slots__ = ("route", "task", "early", "backend", "pair", "timed_out")
+    __slots__ = ("route", "task", "early", "held", "backend", "pair", "timed_out")
 
     def __init__(self, route: Route) -> None:
         """Bind to the route of the published port that accepted us."""
@@ -506,8 +508,9 @@ class ClientSide(_Side):
         self.task: asyncio.Task[None] | None = None
         # The backend we connected to, kept only when a balancer counts connections.
         self.backend: Backend | None = None
-        # Bytes read before the upstream exists (at most one read, see _hold).
+        # Bytes read before the upstream exists (see _hold), and whether they paused reading.
         self.early: bytes | None = None
+        self.held = False
         # Set when the pair moved to splice (bulk): it owns both sockets from then on.
         self.pair: splice.SplicedPair | None = None
         self.timed_out = False  # the connect timer fired (it cancels the connecting task)
@@ -524,9 +527,9 @@ class ClientSide(_Side):
         """Hold the client's bytes in the kernel and start connecting upstream."""
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        # Effective on stock asyncio; uvloop starts reading right after
-        # connection_made() regardless, which _hold() covers.
-        transport.pause_reading()
+        # Reading goes on while we connect: the first bytes (a request, usually) are held
+        # until the upstream exists, and reading pauses only if more than EARLY_LIMIT
+        # arrive. Pausing at once and resuming later cost two epoll updates per connection.
         route = self.route
         stats = route.stats
         stats.total += 1
@@ -543,10 +546,11 @@ class ClientSide(_Side):
         self.task = loop.create_task(self._connect(loop))
 
     def _hold(self, data: bytes) -> None:
-        """Keep early bytes for the upstream and stop reading until it exists."""
+        """Keep early bytes for the upstream; stop reading if they pile up before it exists."""
         early = self.early
-        self.early = data if early is None else early + data
-        if self.transport is not None:
+        early = self.early = data if early is None else early + data
+        if len(early) >= EARLY_LIMIT and not self.held and self.transport is not None:
+            self.held = True
             self.transport.pause_reading()
 
     def _upstream(self) -> UpstreamSide:
@@ -606,15 +610,17 @@ class ClientSide(_Side):
                     route.balancer.opened(backend)
                     self.backend = backend
                 peer = self.peer
-                # Start the client -> backend direction, unless the client
-                # already sent EOF or the backend is already back-pressuring.
+                # Reading was paused only if early bytes piled up: resume it, unless the
+                # client already sent EOF or the backend is already back-pressuring.
                 if (
-                    self.transport is not None
+                    self.held
+                    and self.transport is not None
                     and not self.lost
                     and not self.eof
                     and peer is not None
                     and not peer.blocked
                 ):
+                    self.held = False
                     self.transport.resume_reading()
                 return
             route.stats.rejected += 1

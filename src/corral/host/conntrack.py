@@ -10,12 +10,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 
-from pyroute2 import Conntrack
-
 
 def flush_udp_flows(node_addr: str, port: int, backends: Iterable[str]) -> int:
     """Delete the UDP flows to `node_addr:port` answered by one of `backends`; returns how
     many. Blocking (netlink): run it off the event loop."""
+    # Imported here: pyroute2 is large, and only kernel-mesh nodes with UDP ports need this.
+    from pyroute2 import Conntrack
+
     gone = set(backends)
     deleted = 0
     with Conntrack() as ct:

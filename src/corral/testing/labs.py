@@ -108,6 +108,26 @@ def lab_swarm(tmp: Path, nodes: int, base_addr: str = DEFAULT_BASE_ADDR, heartbe
         lab.down()
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process, from /proc (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def idle_memory_line(lab: Lab, managers: int = 1, goal_mb: float = 80.0) -> str:
+    """One line with each lab daemon's resident memory (benches: call it before any task).
+    Node1..`managers` are the managers, as `Lab.up` makes them."""
+    parts = [f"{n.name} ({'manager' if i < managers else 'worker'}) {rss_kb(n.pid) / 1024:.1f} MB"
+             for i, n in enumerate(lab.nodes)]
+    return f"idle daemon RSS (agent + mesh, no tasks; goal under {goal_mb:g} MB): " + ", ".join(parts)
+
+
 def local_api(socket_url: str, timeout: float = 10.0) -> httpx.Client:
     """Raw HTTP to a daemon's local socket (``unix:///…/corral.sock``), as its node's admin."""
     return httpx.Client(transport=httpx.HTTPTransport(uds=socket_url.removeprefix("unix://")),
