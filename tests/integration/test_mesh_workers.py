@@ -32,6 +32,8 @@ def test_workers_share_the_port_and_follow_their_daemon(tmp_path: Path) -> None:
     try:
         wait_for(lambda: _up(api), what="the daemon")
         api.post("/v1/swarm/init", json={"heartbeat_period": 0.5}).raise_for_status()
+        # Workers start with the first published TCP port: an idle node runs none.
+        assert _workers_of(daemon.pid) == set()
         api.post("/v1/services", json={
             "name": "web", "replicas": 2, "task": {"image": "whoami"},
             "ports": [{"published_port": 19900, "target_port": 80}]}).raise_for_status()
@@ -40,6 +42,7 @@ def test_workers_share_the_port_and_follow_their_daemon(tmp_path: Path) -> None:
                  what="both replicas answering through the mesh")
         assert all(http_get(ADDR, 19900)["service"] == "web" for _ in range(30))
         workers = listeners(19900) - {daemon.pid}
+        assert workers == _workers_of(daemon.pid) and len(workers) == 2
         api.delete("/v1/services/web").raise_for_status()
         wait_for(lambda: not listeners(19900), what="every process to release the port")
         # A daemon killed on its own takes its workers with it (their stdin closes).
@@ -53,6 +56,13 @@ def test_workers_share_the_port_and_follow_their_daemon(tmp_path: Path) -> None:
         except ProcessLookupError:
             pass
         daemon.wait(5)
+
+
+def _workers_of(pid: int) -> set[int]:
+    """The daemon's mesh worker processes."""
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "corral.dataplane.worker"],
+                         capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
 
 
 def _task(addr: str, port: int) -> str:

@@ -59,3 +59,19 @@ def test_kernel_mesh_needs_the_netns_runtime() -> None:
     with pytest.raises(InvalidArgument, match="--mesh kernel needs --runtime netns"):
         make(mesh="kernel")
 
+
+
+def test_mesh_workers_auto_is_one_per_usable_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_mod.os, "sched_getaffinity", lambda _: {0, 1, 2})
+    assert DaemonConfig.parse_mesh_workers("auto") == 3
+    assert DaemonConfig.parse_mesh_workers(None) == 3
+    monkeypatch.setattr(config_mod.os, "sched_getaffinity", lambda _: set(range(200)))
+    assert DaemonConfig.parse_mesh_workers("auto") == config_mod.MAX_MESH_WORKERS
+    assert DaemonConfig.parse_mesh_workers("2") == 2
+
+
+def test_bad_mesh_workers() -> None:
+    with pytest.raises(InvalidArgument, match="invalid --mesh-workers 'many'"):
+        DaemonConfig.parse_mesh_workers("many")
+    with pytest.raises(InvalidArgument, match="--mesh-workers must be between 1 and 64"):
+        make(mesh_workers=0)

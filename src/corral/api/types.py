@@ -14,13 +14,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from corral.api.lb import LbKind
+
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 # A bound that keeps one reconcile pass short; a bigger service is a bigger cluster's job.
 MAX_REPLICAS = 10_000
-
-# How the routing mesh may spread a service's connections over its tasks.
-LbKind = Literal["rr", "random", "least-conn", "source-hash", "maglev"]
 
 # Every daemon serves its API on this port (Swarm's manager port), on its node's address.
 API_PORT = 2377

@@ -68,8 +68,9 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
                     "(the asyncio proxy) or auto (kernel when it can)")] = "auto",
            mesh_idle_timeout: Annotated[str, typer.Option(
                help="Close proxied connections idle this long (0 = never)")] = "1h",
-           mesh_workers: Annotated[int, typer.Option(
-               help="Userspace mesh processes per node sharing each port (e.g. one per core)")] = 1,
+           mesh_workers: Annotated[str, typer.Option(
+               help="Userspace mesh processes sharing each port: a number, or auto (one per "
+                    "core)")] = "auto",
            socket_path: Annotated[Optional[Path], typer.Option(
                "--socket", help="The local CLI's unix socket (owner-only; default "
                                 "DATA_DIR/corral.sock)")] = None,
@@ -83,7 +84,8 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
         hostname=hostname or socket.gethostname(), api_port=port, advertise_addr=advertise_addr,
         runtime=chosen, task_netns_prefix=task_netns_prefix,
         mesh=DaemonConfig.parse_mesh(mesh, chosen),
-        mesh_idle_timeout=parse_duration(mesh_idle_timeout), mesh_workers=mesh_workers,
+        mesh_idle_timeout=parse_duration(mesh_idle_timeout),
+        mesh_workers=DaemonConfig.parse_mesh_workers(mesh_workers),
         socket_path=socket_path)
     raise typer.Exit(run_daemon(config))
 

@@ -14,6 +14,7 @@ from corral.api.types import API_PORT
 
 Runtime = Literal["process", "netns"]
 Mesh = Literal["userspace", "kernel"]
+MAX_MESH_WORKERS = 64
 
 
 def in_initial_netns() -> bool:
@@ -54,8 +55,8 @@ class DaemonConfig:
         if self.mesh == "kernel" and self.runtime != "netns":
             raise InvalidArgument("--mesh kernel needs --runtime netns (tasks reached over the "
                                   "overlay, forwarding in the node's own namespace)")
-        if not 1 <= self.mesh_workers <= 64:
-            raise InvalidArgument("--mesh-workers must be between 1 and 64")
+        if not 1 <= self.mesh_workers <= MAX_MESH_WORKERS:
+            raise InvalidArgument(f"--mesh-workers must be between 1 and {MAX_MESH_WORKERS}")
         if not 1 <= len(self.task_netns_prefix) <= 20:
             raise InvalidArgument("--task-netns-prefix must be 1 to 20 characters")
 
@@ -79,6 +80,18 @@ class DaemonConfig:
         if value not in ("userspace", "kernel"):
             raise InvalidArgument(f"invalid --mesh {value!r}: expected kernel, userspace or auto")
         return "kernel" if value == "kernel" else "userspace"
+
+    @staticmethod
+    def parse_mesh_workers(value: str | None) -> int:
+        """auto: one userspace mesh process per core this daemon may run on (as HAProxy's
+        nbthread and nginx's `worker_processes auto`): new connections cost CPU in Python."""
+        if value in (None, "", "auto"):
+            return max(1, min(len(os.sched_getaffinity(0)), MAX_MESH_WORKERS))
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidArgument(f"invalid --mesh-workers {value!r}: expected a number "
+                                  f"or auto") from None
 
     @staticmethod
     def parse_runtime(value: str | None) -> Runtime:

@@ -137,7 +137,6 @@ class Daemon:
             enable_forwarding()  # this node's own namespace only (the netns runtime's rule)
         if killed:
             log.warning("killed %d task processes left by a previous run", len(killed))
-        await self._start_mesh_workers()
         self.identity = load_identity(self.data_dir)
         if self.identity is not None and not self.tls.exists():
             log.error("this node's swarm membership has no certificate (made by an older "
@@ -201,7 +200,9 @@ class Daemon:
         return httpx.AsyncClient(verify=self.tls.client_context(), timeout=timeout)
 
     async def _start_mesh_workers(self) -> None:
-        """Extra userspace mesh processes on the same ports (the kernel spreads connections)."""
+        """Extra userspace mesh processes on the same ports (the kernel spreads connections).
+        Started with the first TCP port the userspace mesh serves: an idle node, or one whose
+        ports are all in the kernel, does not pay for them."""
         argv = [sys.executable, "-m", "corral.dataplane.worker", "--listen", self.addr,
                 "--idle-timeout", str(self.config.mesh_idle_timeout)]
         if self.config.runtime == "process":
@@ -349,6 +350,8 @@ class Daemon:
             endpoints = [e for e in endpoints if not kernel_capable(e)]
         mesh, policies = endpoints_to_mesh(endpoints), policies_of(endpoints)
         errors = await self.mesh.apply(mesh, policies)
+        if not self._workers and any(p.protocol == "tcp" for p in mesh):
+            await self._start_mesh_workers()
         if self._workers:
             await self._feed_workers(encode_update(mesh, policies))
         self.mesh_errors = {f"{p.port}/{p.protocol}": e for p, e in errors.items()}

@@ -63,7 +63,7 @@ from collections.abc import Callable, Sequence
 from hashlib import blake2b
 from typing import Protocol
 
-from corral.api.types import LbKind
+from corral.api.lb import LbKind
 from corral.dataplane.proxy import Backend
 
 __all__ = [

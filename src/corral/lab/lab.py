@@ -428,8 +428,9 @@ class Lab:
                      TASK_NETNS_OPTION, self.task_netns_prefix]
         else:
             # All loopback nodes share one network namespace: task namespaces would collide
-            # (one bridge per network for all of them), so tasks stay plain processes.
-            argv += ["--runtime", "process"]
+            # (one bridge per network for all of them), so tasks stay plain processes. The
+            # nodes share this machine's cores too: one mesh process each.
+            argv += ["--runtime", "process", "--mesh-workers", "1"]
         if n.etcd:
             # The node's etcd member shares its process group: killing the node kills both,
             # as a host dying would; starting it again restarts the member on its data.

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from corral.api.errors import Forbidden
+from corral.api.lb import LbKind
 from corral.api.types import (
     API_PORT,
-    LbKind,
     Model,
     Network,
     Node,
