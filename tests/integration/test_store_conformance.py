@@ -15,7 +15,7 @@ from corral.api.types import ContainerSpec, Node, NodeDescription, Service, Serv
 from corral.manager.election import Election
 from corral.store.base import Action, Store, WriteTx
 from corral.store.etcd import EtcdStore, Fence, LeadershipLost, NotWritable
-from corral.store.etcd_client import EtcdClient, cmp_absent, op_put
+from corral.store.etcd_client import EtcdClient, EtcdUnavailable, cmp_absent, op_put
 from corral.store.sqlite import SQLiteStore
 from corral.testing.etcd import ETCD_MISSING, EtcdCluster, etcd_available
 
@@ -268,6 +268,35 @@ async def test_writes_survive_a_member_and_wait_out_a_lost_quorum(etcd: EtcdClus
             for i in range(3):
                 if etcd.members[i].proc is None or etcd.members[i].proc.poll() is not None:
                     await asyncio.to_thread(etcd.restart, i)
+
+
+@needs_etcd
+async def test_a_watch_on_a_member_that_lost_its_leader_ends(etcd: EtcdCluster) -> None:
+    # Without etcd's require-leader a watch on a cut-off member just goes quiet, and a
+    # follower would miss every write from then on without knowing.
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+    async with _clients(etcd, 1) as (a,):
+        survivor = a.endpoints.index(a.current_endpoint)
+        others = [i for i in range(3) if i != survivor]
+
+        async def follow() -> None:
+            async for _ in a.watch(prefix, 1):
+                pass
+
+        watching = asyncio.create_task(follow())
+        try:
+            await asyncio.sleep(0.5)
+            assert not watching.done()
+            for i in others:
+                etcd.kill(i)
+            with pytest.raises(EtcdUnavailable, match="no leader"):
+                await asyncio.wait_for(watching, 20)
+            assert a.current_endpoint != a.endpoints[survivor]  # the next try goes elsewhere
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            for i in others:
+                await asyncio.to_thread(etcd.restart, i)
 
 
 @needs_etcd

@@ -6,11 +6,14 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
+
 from corral.api.types import NodeRole
 from corral.manager.controlapi import ControlAPI
 from corral.manager.secretbox import SecretBox
 from corral.security import pki
 from corral.store.base import MemoryStore
+from corral.store.etcd import NotWritable
 
 CSR = pki.make_csr(pki.new_key()).decode()
 
@@ -35,3 +38,25 @@ def test_a_rotation_reaches_the_next_leader(tmp_path: Path) -> None:
     # The key is sealed in the store, never in clear.
     sealed = store.view().cluster()
     assert sealed is not None and second.ca.root.key_pem.decode() not in sealed.model_dump_json()
+
+
+def test_a_rotation_the_store_refuses_changes_nothing(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The leader lost etcd (or its lead) mid-rotation: it must keep signing with the root
+    # every other manager has, in memory and on disk.
+    store, box = MemoryStore(), SecretBox.at(tmp_path / "secrets.key")
+    api = ControlAPI(store, tmp_path / "m1" / "ca", box)
+    api.init_cluster(hostname="m1", addr="10.0.0.1", heartbeat_period=1.0, engine_version="t",
+                     csr=CSR)
+    root = api.ca.root.cert_pem
+    on_disk = (tmp_path / "m1" / "ca" / "root.pem").read_bytes()
+
+    def refuse(_: object) -> None:
+        raise NotWritable("lost the leadership")
+
+    monkeypatch.setattr(store, "update", refuse)
+    with pytest.raises(NotWritable):
+        api.rotate_ca()
+    assert api.ca.root.cert_pem == root and not api.ca.rotating
+    assert (tmp_path / "m1" / "ca" / "root.pem").read_bytes() == on_disk
+    assert not (tmp_path / "m1" / "ca" / "cross.pem").exists()

@@ -74,19 +74,17 @@ class CertificateAuthority:
         return pki.issue(self.root, csr_pem, node_id=node_id, role=role, cluster_id=cluster_id,
                          expiry=expiry) + self.cross_pem
 
-    def begin_rotation(self, cluster_id: str) -> None:
-        """A new root signs from now on; both roots are trusted until every node moved over."""
+    def begin_rotation(self, cluster_id: str) -> CertificateAuthority:
+        """The CA a rotation starts: a new root signs from then on, and both roots are trusted
+        until every node moved over. Nothing changes here or on disk until it is published."""
         new = pki.create_root_ca(cluster_id)
-        self.cross_pem = pki.cross_sign(new, self.root)
-        self.bundle_pem = self.root.cert_pem + new.cert_pem
-        self.root = new
-        self.save()
+        return CertificateAuthority(self.dir, new, self.root.cert_pem + new.cert_pem,
+                                    pki.cross_sign(new, self.root))
 
-    def finish_rotation(self) -> None:
-        """Trust only the current root (every node holds a certificate it signed)."""
-        self.bundle_pem = self.root.cert_pem
-        self.cross_pem = b""
-        self.save()
+    def finish_rotation(self) -> CertificateAuthority:
+        """The CA after the rotation: only the current root is trusted (every node holds a
+        certificate it signed). Not saved until it is published."""
+        return CertificateAuthority(self.dir, self.root, self.root.cert_pem)
 
     def to_json(self) -> bytes:
         return json.dumps({"cert": self.root.cert_pem.decode(), "key": self.root.key_pem.decode(),

@@ -175,7 +175,8 @@ class ControlAPI:
 
     def _publish_ca(self, ca: CertificateAuthority) -> None:
         """Record the CA (sealed) in the store, for every manager; once a rotation is done,
-        join tokens pin the new root."""
+        join tokens pin the new root. This manager signs with it only once it is stored: a
+        failed write leaves it on the root every other manager has."""
         def write(tx: WriteTx) -> None:
             c = tx.must_get(Cluster, "default")
             tx.update(c.model_copy(update={"ca_sealed": self.box.seal(ca.to_json(), CA_SEAL_ID),
@@ -183,6 +184,7 @@ class ControlAPI:
                                            "root_digest": c.root_digest if ca.rotating
                                            else ca.digest}))
         self.store.update(write)
+        ca.save()
         self._ca = ca
         self._ca_version = self.store.view().must_get(Cluster, "default").ca_version
 
@@ -320,9 +322,7 @@ class ControlAPI:
             s = self.ca_status()
             raise Conflict(f"a root CA rotation is already in progress ({s.rotated} of {s.nodes} "
                            "nodes moved to the new root)")
-        ca = self.ca
-        ca.begin_rotation(self.cluster().cluster_id)
-        self._publish_ca(ca)
+        self._publish_ca(self.ca.begin_rotation(self.cluster().cluster_id))
         return self.ca_status()
 
     def _maybe_finish_rotation(self) -> None:
@@ -331,9 +331,7 @@ class ControlAPI:
         root = self.ca.key_id
         if any(n.cert_root != root for n in self.nodes()):
             return
-        ca = self.ca
-        ca.finish_rotation()
-        self._publish_ca(ca)
+        self._publish_ca(self.ca.finish_rotation())
 
     def client_cert(self, csr: bytes) -> CertResponse:
         """An admin client certificate (the CLI's, for TLS from another machine)."""

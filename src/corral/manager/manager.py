@@ -29,15 +29,11 @@ from corral.manager.updater import Updater
 from corral.security.files import write_private
 from corral.security.pki import CertKey
 from corral.store.base import Store
-from corral.store.etcd import EtcdStore, LeadershipLost
+from corral.store.etcd import EtcdStore, Fence, LeadershipLost
 from corral.store.etcd_client import EtcdRefused, EtcdUnavailable
 from corral.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
-
-class LostLeadership(Exception):
-    """The election lease is gone: stop leading."""
-
 
 def install_manager_keys(data_dir: Path, keys: ManagerKeys) -> None:
     """A joining manager's share of the swarm: the CA (key 0600), the secrets key, etcd."""
@@ -131,31 +127,37 @@ class Manager:
                 finally:
                     follower.cancel()
                     await asyncio.gather(follower, return_exceptions=True)
+                failed = False
                 try:
-                    await self._retry(store.load)  # whatever the old leader wrote last
-                    store.lead(fence)
-                    self._set_leading(True, election.me)
-                    await self._lead(store, election)
-                except* (LeadershipLost, LostLeadership):
+                    await self._lead(store, election, fence)
+                except* LeadershipLost:
                     log.warning("manager: lost the leadership; following again")
                 except* Exception as group:  # a manager never dies quietly: log, start over
                     log.error("manager: leading failed: %r; following again",
                               group.exceptions[0])
-                    await asyncio.sleep(DEFAULT_TTL / 3)
+                    failed = True
                 finally:
+                    # At once: no moment of claiming the lead without running it.
                     await store.step_down("this manager is no longer the leader")
                     self._set_leading(False, "")
                     await election.resign()
+                if failed:
+                    await asyncio.sleep(DEFAULT_TTL / 3)  # not straight back into the same fault
         finally:
             tracker.cancel()
             await asyncio.gather(tracker, return_exceptions=True)
 
-    async def _lead(self, store: EtcdStore, election: Election) -> None:
+    async def _lead(self, store: EtcdStore, election: Election, fence: Fence) -> None:
+        """Hold the lease from the first moment, load what the old leader wrote last, then
+        write and run the pipeline until something fails (a lost lease: LeadershipLost)."""
         async def hold() -> None:
             await election.hold()
-            raise LostLeadership()
+            raise LeadershipLost("the election lease is gone")
         async with asyncio.TaskGroup() as tg:
             tg.create_task(hold(), name="election-hold")
+            await self._retry(store.load)
+            store.lead(fence)
+            self._set_leading(True, election.me)
             tg.create_task(store.run_writer(), name="store-writer")
             tg.create_task(self._run_pipeline(), name="pipeline")
 

@@ -45,7 +45,7 @@ class NotWritable(CorralError):
 
 
 class LeadershipLost(Exception):
-    """The fence failed: another manager leads now."""
+    """This manager leads no more: its fence failed or its election lease is gone."""
 
 
 @dataclass(frozen=True)

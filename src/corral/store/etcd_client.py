@@ -100,6 +100,11 @@ def op_range(key: str) -> dict[str, Any]:
     return {"request_range": {"key": b64(key)}}
 
 
+# etcd's "require leader" (gRPC metadata through the gateway): a member cut off from its
+# leader ends the watch instead of going quiet, so the follower moves to a member that has one.
+REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
+
+
 class EtcdClient:
     """Calls to an etcd cluster through whichever of its endpoints answers."""
 
@@ -189,16 +194,32 @@ class EtcdClient:
                                    "start_revision": str(start_revision)}}
         url = f"{self.endpoints[self._current]}/v3/watch"
         try:
-            async with self._http.stream("POST", url, json=body, timeout=None) as r:
-                async for line in r.aiter_lines():
-                    if not line.strip():
-                        continue
-                    msg = json.loads(line).get("result", {})
-                    if msg.get("compact_revision"):
-                        raise EtcdUnavailable(f"watch start {start_revision} was compacted")
-                    for ev in msg.get("events", []):
-                        yield WatchEvent("delete" if ev.get("type") == "DELETE" else "put",
-                                         _kv(ev["kv"]))
+            async with self._http.stream("POST", url, json=body, timeout=None,
+                                         headers=REQUIRE_LEADER) as r:
+                if r.status_code != 200:
+                    reason = f"watch refused by {self.current_endpoint}: HTTP {r.status_code}"
+                else:
+                    reason = f"{self.current_endpoint} ended the watch"
+                    async for line in r.aiter_lines():
+                        if not line.strip():
+                            continue
+                        data = json.loads(line)
+                        if "error" in data:  # e.g. this member lost its leader
+                            error = data["error"]
+                            reason = f"{self.current_endpoint}: {error.get('message', error)}"
+                            break
+                        msg = data.get("result", {})
+                        if msg.get("compact_revision"):
+                            raise EtcdUnavailable(f"watch start {start_revision} was compacted")
+                        if msg.get("canceled"):
+                            reason = (f"{self.current_endpoint} cancelled the watch: "
+                                      f"{msg.get('cancel_reason', '')}")
+                            break
+                        for ev in msg.get("events", []):
+                            yield WatchEvent("delete" if ev.get("type") == "DELETE" else "put",
+                                             _kv(ev["kv"]))
         except (httpx.HTTPError, ValueError) as exc:
-            self._current = (self._current + 1) % len(self.endpoints)
-            raise EtcdUnavailable(f"watch stream broke: {exc.__class__.__name__}") from None
+            reason = f"watch stream broke: {exc.__class__.__name__}"
+        # However it ended, the caller waits a moment and resumes, on the next member.
+        self._current = (self._current + 1) % len(self.endpoints)
+        raise EtcdUnavailable(reason)
