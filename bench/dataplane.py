@@ -8,15 +8,18 @@ own loopback address:
 - direct: wrk straight to backend 1 (on a second address of its own, 127.0.0.84, so direct
   and balanced traffic never share backend 4-tuples: see the loopback TIME_WAIT trap in
   /work/shared/platform-facts.md);
-- corral mesh: bench/mesh_proxy.py (an IngressMesh on uvloop), round-robin over the 3;
-- HAProxy `mode tcp` and nginx `stream`, round-robin over the 3, one thread/worker each;
+- corral mesh: bench/mesh_proxy.py (an IngressMesh on uvloop), round-robin over the 3: one
+  process, and one per CPU sharing the port (SO_REUSEPORT; the daemon's default workers);
+- HAProxy `mode tcp` and nginx `stream`, round-robin over the 3, one thread/worker each, and
+  HAProxy with one thread per CPU (its default nbthread), compared with the per-CPU mesh;
 - corral kernel (nftables): corral's own ingress ruleset (nft_ingress.render_ingress_table,
   applied with nft.apply) DNATing round-robin over 3 backends, run entirely inside a throwaway
   network namespace (its own nginx backends, wrk and curl in there too, 10.98.200.0/24 on its
   loopback), next to a "direct in netns" path measured the same way for reference.
 
-Loads: keep-alive req/s (with p50/p99), a new connection per request, and 100 MB transfers.
-Prints one table with each figure also as a ratio to direct and to HAProxy, then the mesh's
+Loads: keep-alive req/s (with p50/p99), a new connection per request, and 100 MB transfers,
+all of them `--repeat` times (default 3) over all paths; each figure is the median. Prints one
+table with each figure also as a ratio to direct and to HAProxy, then the mesh's
 resident memory idle and while holding 10,000 idle connections (and HAProxy's, for comparison). Needs root only to
 install wrk/haproxy/nginx when they are missing and for the namespace (without root the kernel rows
 are skipped). All traffic stays on 127.0.0.0/8 or inside the benchmark's own namespace; every
@@ -37,6 +40,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +65,8 @@ BACKENDS = [("127.0.0.81", 18081), ("127.0.0.82", 18082), ("127.0.0.83", 18083)]
 DIRECT = ("127.0.0.84", 18084)  # backend 1's second address, only for direct traffic
 BULK_BYTES = 100 * 1024 * 1024
 WRK_THREADS = 2
+# The CPUs we may run on: corral's default mesh workers and HAProxy's default nbthread.
+CORES = max(1, len(os.sched_getaffinity(0)))
 WRK_CONNECTIONS = 50
 BULK_RUNS = 3
 HELD_CONNECTIONS = 10_000
@@ -274,14 +280,14 @@ def haproxy_maxconn() -> int:
     return min(100_000, (hard - 200) // 2)
 
 
-def haproxy_conf(tmp: pathlib.Path, listen: tuple[str, int]) -> str:
+def haproxy_conf(tmp: pathlib.Path, listen: tuple[str, int], threads: int = 1) -> str:
     servers = "\n".join(f"    server b{i} {a}:{p}" for i, (a, p) in enumerate(BACKENDS, 1))
     maxconn = haproxy_maxconn()
     return f"""
 global
-    nbthread 1
+    nbthread {threads}
     maxconn {maxconn}
-    pidfile {tmp}/haproxy.pid
+    pidfile {tmp}/haproxy-{listen[1]}.pid
 defaults
     mode tcp
     timeout connect 5s
@@ -382,11 +388,12 @@ def start_mesh(procs: Processes, path: Path, workers: int = 1) -> None:
         path.pids.append(proc.pid)
 
 
-def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
-    conf = tmp / "haproxy.cfg"
-    conf.write_text(haproxy_conf(tmp, (path.addr, path.port)))
-    proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
-    wait_listening(path.addr, path.port, proc, procs, "haproxy")
+def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path, threads: int = 1) -> None:
+    conf = tmp / f"haproxy-{path.port}.cfg"
+    conf.write_text(haproxy_conf(tmp, (path.addr, path.port), threads))
+    name = "haproxy" if threads == 1 else f"haproxy{path.port}"
+    proc = procs.start(name, ["haproxy", "-db", "-f", str(conf)])
+    wait_listening(path.addr, path.port, proc, procs, name)
     path.pid = proc.pid
     path.pids.append(proc.pid)
 
@@ -567,6 +574,21 @@ def bulk(path: Path, seconds: float, res: Results) -> str:
     return f"{best:.0f} MB/s"
 
 
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def median_results(runs: Sequence[Results]) -> Results:
+    """Each figure's median over the rounds (notes: all of them, once each)."""
+    notes = list(dict.fromkeys(n for r in runs for n in r.notes))
+    return Results(
+        keepalive_rps=_median([r.keepalive_rps for r in runs]),
+        newconn_rps=_median([r.newconn_rps for r in runs]),
+        p50_s=_median([r.p50_s for r in runs]), p99_s=_median([r.p99_s for r in runs]),
+        bulk_mbps=_median([r.bulk_mbps for r in runs]), notes=notes)
+
+
 @dataclass
 class Memory:
     held: int  # how many idle connections were held
@@ -639,7 +661,7 @@ def hold_connections(path: Path, count: int) -> Memory:
 
 def memory_path(paths: dict[str, Path]) -> Path:
     """The corral mesh that can hold HELD_CONNECTIONS: one process when its descriptor limit
-    allows two per connection, else the two mesh workers (about half the connections each)."""
+    allows two per connection, else the per-CPU mesh workers (the connections spread over them)."""
     single = paths["corral"]
     assert single.pid is not None
     if fd_limit(single.pid) >= 2 * HELD_CONNECTIONS + FD_SPARE:
@@ -755,7 +777,7 @@ LOADS: list[tuple[str, Callable[[Path, float, Results], str]]] = [
 ]
 
 
-def run(seconds: float, memory_only: bool = False) -> int:
+def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
     notes = ensure_tools()
     for tool in ("wrk", "curl", "nginx"):
         if shutil.which(tool) is None:
@@ -773,15 +795,17 @@ def run(seconds: float, memory_only: bool = False) -> int:
         Path("direct", "direct (1 backend)", *DIRECT),
         Path("ns-direct", "direct in netns (1 backend)", *NS_DIRECT, netns=ns.name),
         Path("corral", "corral mesh (uvloop)", "127.0.0.90", 19090),
-        Path("corral2", "corral mesh, 2 workers", "127.0.0.93", 19093),
+        Path("corral2", f"corral mesh, {CORES} workers (default)", "127.0.0.93", 19093,
+             extra_refs=("haproxy2",)),
         Path("kernel", "corral kernel (nftables)", *NS_NODE, netns=ns.name,
              extra_refs=("ns-direct",)),
         Path("haproxy", "HAProxy mode tcp", "127.0.0.91", 19091),
+        Path("haproxy2", f"HAProxy, {CORES} threads (default)", "127.0.0.94", 19094),
         Path("nginx", "nginx stream", "127.0.0.92", 19092),
     ]
     by_key = {p.key: p for p in paths}
     if shutil.which("haproxy") is None:
-        by_key["haproxy"].skipped = "haproxy not installed"
+        by_key["haproxy"].skipped = by_key["haproxy2"].skipped = "haproxy not installed"
     if not nginx_stream_available():
         by_key["nginx"].skipped = "nginx stream module not installed"
 
@@ -793,8 +817,12 @@ def run(seconds: float, memory_only: bool = False) -> int:
             f"starting backends and proxies in {tmp}")
         start_backends(procs, tmp)
         start_mesh(procs, by_key["corral"])
-        start_mesh(procs, by_key["corral2"], workers=2)
-        for key, starter in (("haproxy", start_haproxy), ("nginx", start_nginx_stream)):
+        start_mesh(procs, by_key["corral2"], workers=CORES)
+        starters: list[tuple[str, Callable[[Processes, pathlib.Path, Path], None]]] = [
+            ("haproxy", start_haproxy),
+            ("haproxy2", lambda procs, tmp, path: start_haproxy(procs, tmp, path, CORES)),
+            ("nginx", start_nginx_stream)]
+        for key, starter in starters:
             path = by_key[key]
             if path.skipped:
                 continue
@@ -827,19 +855,26 @@ def run(seconds: float, memory_only: bool = False) -> int:
             print_memory(by_key, mem_path, memory, haproxy_memory)
             return 0
         live = [p for p in paths if not p.skipped]
-        results = {p.key: Results() for p in live}
-        # One load kind across all paths back to back, so the paths see similar background load.
-        for load_name, load in LOADS:
-            for path in live:
-                summary = load(path, seconds, results[path.key])
-                log(f"  {load_name:<28} {path.label:<22} {summary}")
-                time.sleep(0.5)
+        runs: dict[str, list[Results]] = {p.key: [] for p in live}
+        # One load kind across all paths back to back, so the paths see similar background
+        # load; the whole sequence `repeat` times, and each figure is the median of its runs.
+        for rep in range(repeat):
+            reps = {p.key: Results() for p in live}
+            for load_name, load in LOADS:
+                for path in live:
+                    summary = load(path, seconds, reps[path.key])
+                    log(f"  [{rep + 1}/{repeat}] {load_name:<28} {path.label:<34} {summary}")
+                    time.sleep(0.5)
+            for key, res in reps.items():
+                runs[key].append(res)
+        results = {key: median_results(rs) for key, rs in runs.items()}
         memory.final_kb = total_rss_kb(mem_path.pids)
 
         print()
         print(f"wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {seconds:g}s per run; "
-              f"bulk = best of {BULK_RUNS} curl downloads of 100 MiB; "
-              f"load average at start {os.getloadavg()[0]:.2f}")
+              f"bulk = best of {BULK_RUNS} curl downloads of 100 MiB; each figure the median "
+              f"of {repeat} rounds; {CORES} CPUs; load average at start "
+              f"{os.getloadavg()[0]:.2f}")
         print(f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}; "
               f"{version(['nft', '--version'])}; kernel {os.uname().release}")
         print(render_table(paths, results))
@@ -871,11 +906,15 @@ def main() -> int:
                         help="duration of each wrk measurement (default 5)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the memory run (no load runs)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of all loads over all paths; figures are medians (default 3)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     # SIGTERM unwinds like Ctrl-C, so the finally block cleans up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        return run(args.seconds, args.memory_only)
+        return run(args.seconds, args.memory_only, args.repeat)
     except KeyboardInterrupt:  # run() has already cleaned up in its finally block
         log("interrupted")
         return 130

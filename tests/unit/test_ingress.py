@@ -17,6 +17,7 @@ import uvloop
 from corral.dataplane import proxy
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
 from corral.testing.streams import Source, read_digest
+from corral.testing.polling import until
 
 Scenario = Callable[[], Awaitable[None]]
 
@@ -108,13 +109,6 @@ async def hello(port: int, writers: list[asyncio.StreamWriter]) -> str:
     line = await r.readline()
     w.close()
     return line.decode().strip()
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for `cond` to hold (polled every 10 ms), fail after `timeout`."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 async def read_closed(r: asyncio.StreamReader) -> bytes:

@@ -29,6 +29,7 @@ from corral.manager.orchestrator import Orchestrator
 from corral.manager.scheduling import Scheduler
 from corral.store.base import MemoryStore
 from corral.security.pki import make_csr, new_key
+from corral.testing.polling import until
 
 CSR = make_csr(new_key()).decode()
 
@@ -53,14 +54,6 @@ def init(api: ControlAPI) -> JoinResponse:
 def join(api: ControlAPI, n: int, token: str | None = None) -> JoinResponse:
     token = token if token is not None else api.join_token(NodeRole.WORKER, rotate=False)
     return api.join(JoinRequest(token=token, hostname=f"worker{n}", addr=f"10.0.0.{n + 1}", csr=CSR))
-
-
-async def wait_until(cond: Callable[[], bool], deadline: float = 5.0) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -101,7 +94,7 @@ async def test_pipeline_places_replicas_and_explains_unplaceable(
     def assigned() -> bool:
         ts = web_tasks()
         return len(ts) == 3 and all(t.status.state is TaskState.ASSIGNED for t in ts)
-    await wait_until(assigned)
+    await until(assigned)
     ts = web_tasks()
     assert sorted(t.slot for t in ts) == [1, 2, 3]
     assert sorted(t.node_id for t in ts) == sorted(n.id for n in store.view().all(Node))
@@ -112,7 +105,7 @@ async def test_pipeline_places_replicas_and_explains_unplaceable(
     def explained() -> bool:
         ts = store.view().tasks_of_service(nowhere.id)
         return len(ts) == 1 and ts[0].status.err != ""
-    await wait_until(explained)
+    await until(explained)
     [t] = store.view().tasks_of_service(nowhere.id)
     assert t.status.state is TaskState.PENDING
     assert t.node_id == ""
@@ -121,7 +114,7 @@ async def test_pipeline_places_replicas_and_explains_unplaceable(
 
     # Scaling down through the control API reaches the tasks as well.
     api.scale("web", 1)
-    await wait_until(lambda: sorted(t.slot for t in web_tasks()
+    await until(lambda: sorted(t.slot for t in web_tasks()
                                     if t.desired_state is TaskState.RUNNING) == [1])
     assert {t.desired_state for t in web_tasks() if t.slot != 1} <= {TaskState.REMOVE}
 
@@ -134,7 +127,7 @@ async def test_pipeline_global_service(running: tuple[MemoryStore, ControlAPI]) 
     def placed() -> bool:
         ts = store.view().tasks_of_service(svc.id)
         return len(ts) == 2 and all(t.status.state is TaskState.ASSIGNED for t in ts)
-    await wait_until(placed)
+    await until(placed)
     workers = {n.id for n in store.view().all(Node) if n.spec.role is NodeRole.WORKER}
     assert {t.node_id for t in store.view().tasks_of_service(svc.id)} == workers
 

@@ -22,6 +22,7 @@ from corral.agent.runtimes.process import (
     resolve_image,
 )
 from corral.api.types import ContainerSpec, Task
+from corral.testing.polling import until
 
 Runner = Callable[[Task], Awaitable[ProcessController]]
 
@@ -299,14 +300,6 @@ def gone(pid: int) -> bool:
     return st is None or st[0] == "Z"
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll until `cond()` holds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
-
-
 async def test_cleanup_orphans_kills_what_a_crashed_daemon_left(tmp_path: Path) -> None:
     data = tmp_path / "data"
     daemon, pid = await start_daemon(data, "orphan1", "crash")
@@ -335,7 +328,7 @@ async def test_killing_daemon_process_group_kills_tasks(tmp_path: Path) -> None:
         assert os.getpgid(pid) == daemon.pid  # the task is in the daemon's group
         os.killpg(daemon.pid, signal.SIGKILL)
         assert await asyncio.wait_for(daemon.wait(), 10) == -signal.SIGKILL
-        await eventually(lambda: gone(pid))
+        await until(lambda: gone(pid))
     finally:
         for p in (pid, daemon.pid):
             with contextlib.suppress(ProcessLookupError):

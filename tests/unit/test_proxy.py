@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -19,7 +20,9 @@ from corral.dataplane.proxy import (
     PortStats,
     Route,
     bind_error_message,
+    connect_from,
 )
+from corral.testing.polling import until
 
 Scenario = Callable[[], Awaitable[None]]
 
@@ -241,6 +244,54 @@ def test_connect_timeout_moves_to_next_backend(run: Callable[[Scenario], None]) 
     run(scenario)
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_connects_from_the_source_address(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[str] = []
+
+        async def who(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            seen.append(w.get_extra_info("peername")[0])
+            w.close()
+
+        good = await asyncio.start_server(who, "127.0.0.1", 0)
+        blackhole, filler, closed = socket.socket(), socket.socket(), socket.socket()
+        try:
+            blackhole.bind(("127.0.0.1", 0))
+            blackhole.listen(0)
+            filler.connect(blackhole.getsockname())
+            closed.bind(("127.0.0.1", 0))  # a port nobody listens on
+            sock = await connect_from(loop, "127.0.0.5",
+                                      Backend("127.0.0.1", good.sockets[0].getsockname()[1]))
+            assert sock.getsockname()[0] == "127.0.0.5" and sock.getsockname()[1] > 0
+            sock.close()
+            await until(lambda: seen == ["127.0.0.5"])
+            with pytest.raises(OSError) as refused:
+                await connect_from(loop, "127.0.0.5",
+                                   Backend("127.0.0.1", closed.getsockname()[1]))
+            assert refused.value.errno == errno.ECONNREFUSED
+            # A connect that hangs (the SYN is dropped), cut short as the connect timer does:
+            # neither its socket nor its watch on the loop is left behind.
+            before = _open_fds()
+            pending = loop.create_task(connect_from(
+                loop, "127.0.0.5", Backend("127.0.0.1", blackhole.getsockname()[1])))
+            await asyncio.sleep(0.2)
+            assert not pending.done()
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            assert _open_fds() == before
+        finally:
+            good.close()
+            for s in (blackhole, filler, closed):
+                s.close()
+
+    run(scenario)
+
+
 def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
         # The client writes and half-closes before the upstream connect has
@@ -301,10 +352,11 @@ def test_early_bytes_are_bounded_while_the_upstream_connects(
                 # Drain the accept queue: the retried SYN gets through, the proxy connects.
                 backend.accept()[0].close()
                 backend.setblocking(False)
-                accepted, _ = await asyncio.wait_for(loop.sock_accept(backend), 10)
+                upstream, _ = await asyncio.wait_for(loop.sock_accept(backend), 10)
+                accepted = upstream  # closed in finally
                 got = bytearray()
                 while len(got) < len(payload):
-                    chunk = await asyncio.wait_for(loop.sock_recv(accepted, 1 << 20), 10)
+                    chunk = await asyncio.wait_for(loop.sock_recv(upstream, 1 << 20), 10)
                     assert chunk
                     got += chunk
                 assert bytes(got) == payload

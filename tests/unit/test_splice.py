@@ -19,6 +19,7 @@ from corral.dataplane import proxy, splice
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
 from corral.dataplane.proxy import ClientSide
 from corral.testing.streams import Source, read_digest
+from corral.testing.polling import until
 
 Scenario = Callable[[], Awaitable[None]]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -26,13 +27,6 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 pytestmark = pytest.mark.skipif(not splice.available(), reason="splice is Linux only")
 
 MiB = 1 << 20
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for `cond` to hold (polled every 10 ms), fail after `timeout`."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 def open_fds() -> int:
@@ -97,6 +91,12 @@ def test_large_transfer_both_ways_is_spliced_and_intact(run: Callable[[Scenario]
             sender = asyncio.create_task(send())
             first = await r.readexactly(4 * MiB)
             assert len(spliced(mesh)) == 1, "bulk traffic moved the pair to splice"
+            # The upstream keeps the mesh's keepalive (a vanished task is noticed when idle).
+            (conn,) = spliced(mesh)
+            assert conn.pair is not None
+            upstream = conn.pair.b
+            assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
             rest = await r.readexactly(size - len(first))
             await sender
             assert hashlib.sha256(first + rest).digest() == hashlib.sha256(payload).digest()

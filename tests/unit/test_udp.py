@@ -15,6 +15,7 @@ import pytest
 from corral.dataplane.balance import LeastConn
 from corral.dataplane.proxy import Backend, PortStats, Route
 from corral.dataplane.udp import UdpListener
+from corral.testing.polling import until
 
 Run = Callable[[Callable[[], Awaitable[None]]], None]
 LOCAL = "127.0.0.1"
@@ -106,12 +107,6 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((LOCAL, 0))
         return cast(int, s.getsockname()[1])
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 def test_round_robin_flows_stick_and_reply_from_listener(run: Run) -> None:
@@ -206,7 +201,7 @@ def test_idle_flows_expire(run: Run) -> None:
                     await cs[0].ask(addr)
                     await asyncio.sleep(0.05)
                 assert lst.flows == 1 and route.stats.total == 3
-                await wait_for(lambda: lst.flows == 0)
+                await until(lambda: lst.flows == 0)
                 assert route.stats.active == 0
                 await cs[0].ask(addr)  # a new flow after expiry
                 assert (lst.flows, route.stats.total) == (1, 4)

@@ -84,20 +84,16 @@ def _port_chain(r: IngressRule) -> str:
 
 
 def _port_rule(table: str, r: IngressRule) -> dict[str, Any]:
-    """The one rule of a port's chain: transport match (nft needs it for a port), then DNAT."""
-    expr = [_match({"meta": {"key": "l4proto"}}, r.protocol)]
-    if r.local:
-        # Marked so postrouting leaves the client's address alone: the local task's replies
-        # come back through this node (its default route) anyway.
-        expr.append({"mangle": {"key": {"meta": {"key": "mark"}}, "value": LOCAL_MARK}})
-    expr.append(_dnat(r.backends, r.lb))
-    return _rule(table, _port_chain(r), expr)
+    """The one rule of a port's chain: its head, then DNAT."""
+    return _rule(table, _port_chain(r), [*_head(r), _dnat(r.backends, r.lb)])
 
 
 def _head(r: IngressRule) -> list[dict[str, Any]]:
     """Transport match (nft needs it before a port), and the traffic=local mark."""
     expr = [_match({"meta": {"key": "l4proto"}}, r.protocol)]
     if r.local:
+        # Marked so postrouting leaves the client's address alone: the local task's replies
+        # come back through this node (its default route) anyway.
         expr.append({"mangle": {"key": {"meta": {"key": "mark"}}, "value": LOCAL_MARK}})
     return expr
 
