@@ -428,6 +428,25 @@ def test_daemon_not_in_swarm(swarm: LabSwarm, standalone: str) -> None:
     assert api_ok(standalone, "GET", "/v1/info")["swarm"]["state"] == "inactive"
 
 
+def test_a_second_daemon_on_the_same_data_dir_or_socket_is_refused(standalone: str,
+                                                                   tmp_path: Path) -> None:
+    # It would kill the first daemon's tasks as leftovers of a crash and share its store, or
+    # take over its socket: refused before it touches anything.
+    sock = Path(SOCKETS[standalone].removeprefix("unix://"))
+    attempts = [
+        (["--data-dir", str(sock.parent)], "another corral daemon (pid"),
+        (["--data-dir", str(tmp_path / "other"), "--socket", str(sock)],
+         f"another daemon is listening on {sock}"),
+    ]
+    for args, words in attempts:
+        proc = subprocess.run(
+            [sys.executable, "-m", "corral", "daemon", "--addr", "127.0.0.38", "--runtime",
+             "process", *args], capture_output=True, text=True, timeout=30)
+        assert_cli_error(CLIResult(proc.returncode, proc.stdout, proc.stderr), words)
+    assert api_ok(standalone, "GET", "/v1/info")["swarm"]["state"] == "inactive"  # untouched
+    assert sock.exists()
+
+
 def _token_parts(token: str) -> tuple[str, str]:
     prefix, one, digest, secret = token.split("-")
     assert (prefix, one) == ("SWMTKN", "1")

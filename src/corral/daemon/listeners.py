@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -53,8 +54,13 @@ class TlsHttpProtocol(HttpToolsProtocol):
 
 def _peer_of(scope: dict[str, Any]) -> Peer:
     der = scope.get("extensions", {}).get("tls", {}).get("client_cert_der")
-    if not der:
-        return authz.ANONYMOUS
+    return _peer_from_cert(der) if der else authz.ANONYMOUS
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_from_cert(der: bytes) -> Peer:
+    """Who a certificate names, parsed once per certificate, not per request (agents keep
+    their connections and poll on them). Revocation is checked per request, elsewhere."""
     try:
         return Peer(cert=identity(der))
     except CorralError:  # a certificate of this CA without a corral role: nobody
@@ -101,12 +107,28 @@ def local_door(app: ASGIApp) -> ASGIApp:
     return door
 
 
+def _answers(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:  # absent, refused (stale), not a socket
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def bind_unix(path: Path) -> socket.socket:
     """Listen on `path`, readable and writable by this user only (root's, on a real node)."""
     if len(os.fsencode(path)) > MAX_UNIX_PATH:
         raise CorralError(f"socket path too long for a unix socket ({len(str(path))} > "
                           f"{MAX_UNIX_PATH} bytes): {path}; choose a shorter --socket")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if _answers(path):
+        raise CorralError(f"another daemon is listening on {path}: stop it first, or give "
+                          f"this one another --socket")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale socket from a daemon that did not exit cleanly
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -17,6 +17,7 @@ from corral.daemon.config import DaemonConfig
 from corral.daemon.daemon import Daemon
 from corral.daemon.forward import leader_door
 from corral.daemon.listeners import bind_unix, control_door, local_door, server
+from corral.daemon.state import lock_data_dir
 from corral.dataplane.limits import raise_nofile_limit
 
 log = logging.getLogger("corral.daemon")
@@ -42,16 +43,17 @@ async def serve(daemon: Daemon) -> int:
     app = leader_door(make_app(daemon), daemon)
     daemon.control_app = control_door(app, daemon.cluster_id, daemon.node_roles)
     local = uvicorn.Server(server(local_door(app)))
-    sock = bind_unix(daemon.config.socket)
-    try:
-        await daemon.start()
+    with lock_data_dir(daemon.config.data_dir):
+        sock = bind_unix(daemon.config.socket)
         try:
-            await local.serve(sockets=[sock])
+            await daemon.start()
+            try:
+                await local.serve(sockets=[sock])
+            finally:
+                await daemon.stop()
         finally:
-            await daemon.stop()
-    finally:
-        sock.close()
-        daemon.config.socket.unlink(missing_ok=True)
+            sock.close()
+            daemon.config.socket.unlink(missing_ok=True)
     return 0 if local.started else 1
 
 

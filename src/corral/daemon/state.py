@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
+from typing import BinaryIO
 
+from corral.api.errors import CorralError
 from corral.api.types import Model, NodeRole
 from corral.security.files import write_private
 
@@ -38,3 +42,24 @@ def save_identity(data_dir: Path, ident: NodeIdentity) -> None:
 
 def forget_identity(data_dir: Path) -> None:
     identity_path(data_dir).unlink(missing_ok=True)
+
+
+def lock_data_dir(data_dir: Path) -> BinaryIO:
+    """Hold DATA_DIR/daemon.lock while this daemon runs (released when the returned file is
+    closed, or the process dies). A second daemon on the same directory would kill the first
+    one's tasks as leftovers of a crash, and share its store: it is refused instead."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / "daemon.lock", "a+b")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().decode(errors="replace").strip() or "unknown"
+        f.close()
+        raise CorralError(f"another corral daemon (pid {holder}) is using {data_dir}: stop it "
+                          f"first, or give this one another --data-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n".encode())
+    f.flush()
+    return f

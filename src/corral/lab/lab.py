@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from corral.api.errors import CorralError, InvalidArgument, NotFound
 from corral.api.types import API_PORT
 from corral.client import SOCKET_NAME, Client, DaemonUnreachable, TlsFiles
 from corral.security import pki
 from corral.security.files import write_private
+from corral.store.etcd_member import healthy, member_argv
 from corral.lab.hosts import Host, NetnsHosts, used_networks
 
 DEFAULT_BASE_ADDR = "127.0.0.11"
@@ -267,12 +266,7 @@ class Lab:
         """Until every member answers healthy (they elect a leader among themselves first)."""
         deadline = time.monotonic() + timeout
         for endpoint in self.etcd_endpoints:
-            while True:
-                try:
-                    if httpx.get(f"http://{endpoint}/health", timeout=1).json().get("health") == "true":
-                        break
-                except (httpx.HTTPError, ValueError):
-                    pass
+            while not healthy(f"http://{endpoint}"):
                 if time.monotonic() > deadline:
                     raise CorralError(f"etcd at {endpoint} did not become healthy; see "
                                       f"{self.dir}/*/etcd.log")
@@ -448,13 +442,8 @@ class Lab:
         client, peer = (f"http://{n.addr}:{p}" for p in ETCD_PORTS)
         members = ",".join(f"{m.name}=http://{m.addr}:{ETCD_PORTS[1]}" for m in self.nodes if m.etcd)
         # The initial-cluster flags only count the first time; a restart uses the data dir.
-        return ["etcd", "--name", n.name, "--data-dir", str(Path(n.data_dir) / "etcd"),
-                "--listen-client-urls", client, "--advertise-client-urls", client,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", members, "--initial-cluster-state", "new",
-                "--initial-cluster-token", f"corral-lab-{lab_id(self.dir)}",
-                # Quick elections on a lab's fast links (defaults: 100 ms, 1 s).
-                "--heartbeat-interval", "50", "--election-timeout", "500"]
+        return member_argv(n.name, Path(n.data_dir) / "etcd", client, peer, members,
+                           f"corral-lab-{lab_id(self.dir)}")
 
     def _wait_ready(self, n: LabNode, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

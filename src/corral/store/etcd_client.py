@@ -51,7 +51,6 @@ class KV:
     value: bytes
     mod_revision: int
     create_revision: int
-    lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,10 @@ class WatchEvent:
 def _kv(raw: dict[str, Any]) -> KV:
     return KV(key=unb64(raw["key"]).decode(), value=unb64(raw.get("value", "")),
               mod_revision=int(raw.get("mod_revision", 0)),
-              create_revision=int(raw.get("create_revision", 0)), lease=int(raw.get("lease", 0)))
+              create_revision=int(raw.get("create_revision", 0)))
 
 
 # -- transaction building blocks (the gateway's JSON shapes) --------------------------------------
-
-
-def cmp_mod_revision(key: str, revision: int) -> dict[str, Any]:
-    """True while `key` was last written at `revision` (0: the key does not exist)."""
-    return {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
 
 
 def cmp_create_revision(key: str, revision: int) -> dict[str, Any]:
@@ -164,13 +158,6 @@ class EtcdClient:
         r = await self._call("kv/txn", {"compare": compare, "success": success,
                                         "failure": failure or []})
         return bool(r.get("succeeded", False)), int(r["header"]["revision"]), r.get("responses", [])
-
-    async def put(self, key: str, value: bytes | str, lease: int = 0) -> int:
-        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
-        if lease:
-            body["lease"] = str(lease)
-        r = await self._call("kv/put", body)
-        return int(r["header"]["revision"])
 
     async def delete_prefix(self, prefix: str) -> None:
         await self._call("kv/deleterange", {"key": b64(prefix), "range_end": prefix_end(prefix)})

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from corral.store.etcd_member import healthy, member_argv
 
 ETCD_MISSING = "etcd is not installed (Debian: etcd-server; `make test` installs it as root)"
 
@@ -118,14 +118,7 @@ class EtcdCluster:
     def _spawn(self, m: Member, initial: str | None) -> None:
         """Start `m`: a new cluster's member (`initial`), or an existing one on its data."""
         m.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = ["etcd", "--name", m.name, "--data-dir", str(m.data_dir),
-                "--listen-client-urls", m.endpoint, "--advertise-client-urls", m.endpoint,
-                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
-                # Quick elections on loopback (defaults: 100 ms heartbeat, 1 s election).
-                "--heartbeat-interval", "50", "--election-timeout", "500"]
-        if initial is not None:
-            argv += ["--initial-cluster", initial, "--initial-cluster-state", "new",
-                     "--initial-cluster-token", self.token]
+        argv = member_argv(m.name, m.data_dir, m.endpoint, m.peer_url, initial, self.token)
         if self.tls:
             f = self.tls_files
             argv += ["--cert-file", str(f["server"]), "--key-file", str(f["server-key"]),
@@ -140,18 +133,13 @@ class EtcdCluster:
             if m.proc.poll() is not None:
                 raise RuntimeError(f"{m.name} exited ({m.proc.returncode}); see "
                                    f"{m.data_dir.parent / (m.name + '.log')}")
-            try:
-                if self.tls:
-                    f = self.tls_files
-                    ctx = ssl.create_default_context(cafile=str(f["ca"]))
-                    ctx.load_cert_chain(f["client"], f["client-key"])
-                    r = httpx.get(f"{m.endpoint}/health", timeout=1, verify=ctx)
-                else:
-                    r = httpx.get(f"{m.endpoint}/health", timeout=1)
-                if r.json().get("health") == "true":
-                    return
-            except (httpx.HTTPError, ValueError, ssl.SSLError):
-                pass
+            verify: ssl.SSLContext | bool = True
+            if self.tls:
+                f = self.tls_files
+                verify = ssl.create_default_context(cafile=str(f["ca"]))
+                verify.load_cert_chain(f["client"], f["client-key"])
+            if healthy(m.endpoint, verify):
+                return
             time.sleep(0.1)
         raise RuntimeError(f"{m.name} did not become healthy in time")
 
