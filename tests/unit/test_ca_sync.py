@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from corral.api.types import NodeRole
-from corral.manager.controlapi import ControlAPI
+from corral.api.types import Cluster, NodeRole
+from corral.manager.controlapi import CA_SEAL_ID, ControlAPI
 from corral.manager.secretbox import SecretBox
 from corral.security import pki
-from corral.store.base import MemoryStore
+from corral.store.base import MemoryStore, WriteTx
 from corral.store.etcd import NotWritable
 
 CSR = pki.make_csr(pki.new_key()).decode()
@@ -60,3 +60,23 @@ def test_a_rotation_the_store_refuses_changes_nothing(tmp_path: Path,
     assert api.ca.root.cert_pem == root and not api.ca.rotating
     assert (tmp_path / "m1" / "ca" / "root.pem").read_bytes() == on_disk
     assert not (tmp_path / "m1" / "ca" / "cross.pem").exists()
+
+
+def test_a_published_ca_replaced_at_the_same_version_is_reloaded(tmp_path: Path) -> None:
+    # This manager's rotation was queued, then dropped when it stepped down; the next leader
+    # published its own at the same version number. Signing must follow the store, not ours.
+    store, box = MemoryStore(), SecretBox.at(tmp_path / "secrets.key")
+    api = ControlAPI(store, tmp_path / "m1" / "ca", box)
+    api.init_cluster(hostname="m1", addr="10.0.0.1", heartbeat_period=1.0, engine_version="t",
+                     csr=CSR)
+    api.rotate_ca()
+    theirs = api.ca.finish_rotation().begin_rotation(api.cluster().cluster_id)
+
+    def replace(tx: WriteTx) -> None:
+        c = tx.must_get(Cluster, "default")
+        tx.update(c.model_copy(update={"ca_sealed": box.seal(theirs.to_json(), CA_SEAL_ID)}))
+
+    version = api.cluster().ca_version
+    store.update(replace)
+    assert api.cluster().ca_version == version
+    assert api.ca.root.cert_pem == theirs.root.cert_pem

@@ -62,6 +62,7 @@ def test_kernel_mesh_needs_the_netns_runtime() -> None:
 
 
 def test_mesh_workers_auto_is_one_per_usable_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_mod, "_cgroup_cpu_quota", lambda: None)
     monkeypatch.setattr(config_mod.os, "sched_getaffinity", lambda _: {0, 1, 2})
     assert DaemonConfig.parse_mesh_workers("auto") == 3
     assert DaemonConfig.parse_mesh_workers(None) == 3
@@ -75,3 +76,26 @@ def test_bad_mesh_workers() -> None:
         DaemonConfig.parse_mesh_workers("many")
     with pytest.raises(InvalidArgument, match="--mesh-workers must be between 1 and 64"):
         make(mesh_workers=0)
+
+
+def test_cgroup_cpu_quota(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert config_mod._cgroup_cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert config_mod._cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert config_mod._cgroup_cpu_quota(v1) == 2.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert config_mod._cgroup_cpu_quota(v1) is None
+    assert config_mod._cgroup_cpu_quota(tmp_path / "none") is None
+
+
+def test_a_cpu_quota_bounds_the_mesh_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_mod.os, "sched_getaffinity", lambda _: set(range(64)))
+    monkeypatch.setattr(config_mod, "_cgroup_cpu_quota", lambda: 1.5)  # a container's 1.5 CPUs
+    assert DaemonConfig.parse_mesh_workers("auto") == 2

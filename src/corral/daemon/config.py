@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -28,6 +29,32 @@ def in_initial_netns() -> bool:
 def default_runtime() -> Runtime:
     """netns when we can create namespaces (root on Linux), else process — like issue #3 asks."""
     return "netns" if sys.platform == "linux" and os.geteuid() == 0 else "process"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, bounded by a cgroup CPU quota (a container
+    limited to 2 CPUs on a 64-core host counts 2)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(count, math.ceil(quota)) if quota else count)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, v1 cfs quota), None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -86,7 +113,7 @@ class DaemonConfig:
         """auto: one userspace mesh process per core this daemon may run on (as HAProxy's
         nbthread and nginx's `worker_processes auto`): new connections cost CPU in Python."""
         if value in (None, "", "auto"):
-            return max(1, min(len(os.sched_getaffinity(0)), MAX_MESH_WORKERS))
+            return max(1, min(usable_cpus(), MAX_MESH_WORKERS))
         try:
             return int(value)
         except ValueError:

@@ -207,9 +207,13 @@ class Daemon:
                 "--idle-timeout", str(self.config.mesh_idle_timeout)]
         if self.config.runtime == "process":
             argv.append("--bind-source")
-        for _ in range(self.config.mesh_workers - 1):
-            self._workers.append(await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE))
+        while len(self._workers) < self.config.mesh_workers - 1:
+            try:
+                self._workers.append(await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.PIPE))
+            except OSError as exc:  # out of processes or memory: this node's mesh serves alone
+                log.error("cannot start a mesh worker: %s", exc)
+                return
 
     async def _feed_workers(self, update: bytes) -> None:
         for w in self._workers:
@@ -350,7 +354,8 @@ class Daemon:
             endpoints = [e for e in endpoints if not kernel_capable(e)]
         mesh, policies = endpoints_to_mesh(endpoints), policies_of(endpoints)
         errors = await self.mesh.apply(mesh, policies)
-        if not self._workers and any(p.protocol == "tcp" for p in mesh):
+        if (len(self._workers) < self.config.mesh_workers - 1
+                and any(p.protocol == "tcp" for p in mesh)):
             await self._start_mesh_workers()
         if self._workers:
             await self._feed_workers(encode_update(mesh, policies))

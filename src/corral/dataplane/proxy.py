@@ -26,6 +26,7 @@ Works unchanged on the stock asyncio loop and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -318,12 +319,15 @@ async def connect_from(loop: asyncio.AbstractEventLoop, source: str,
     connections fell from ~4,000/s to under 1,000/s here) and caps the whole node at one
     connection per local port.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     fd = sock.fileno()
     watching = False
     try:
+        sock.setblocking(False)
         if sys.platform == "linux":
-            sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+            with contextlib.suppress(OSError):  # kernels before 4.2: a plain bind, as before
+                sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
         sock.bind((source, 0))
         # Not loop.sock_connect(): it resolves the (numeric) address in a thread first.
         err = sock.connect_ex((backend.addr, backend.port))
@@ -331,7 +335,7 @@ async def connect_from(loop: asyncio.AbstractEventLoop, source: str,
             err = 0  # the handshake is done already (always, to a task on this node)
         if err == errno.EINPROGRESS:
             writable = loop.create_future()
-            loop.add_writer(fd, writable.set_result, None)
+            loop.add_writer(fd, _wake, writable)
             watching = True
             await writable
             loop.remove_writer(fd)
@@ -345,6 +349,12 @@ async def connect_from(loop: asyncio.AbstractEventLoop, source: str,
         sock.close()
         raise
     return sock
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """The socket is writable: wake the connect, unless it was cancelled meanwhile."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _established(sock: socket.socket) -> bool:

@@ -414,6 +414,8 @@ class Lab:
         Path(n.data_dir).mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "corral", "daemon", "--addr", n.addr,
                 "--data-dir", n.data_dir, "--hostname", n.name]
+        # The lab's nodes share this machine's cores: one userspace mesh process each.
+        argv += ["--mesh-workers", "1"]
         if self.netns:
             # Each node runs container-like tasks: its own namespace per task.
             # ...and the kernel fast path: forwarding is switched on in the node's own
@@ -422,9 +424,8 @@ class Lab:
                      TASK_NETNS_OPTION, self.task_netns_prefix]
         else:
             # All loopback nodes share one network namespace: task namespaces would collide
-            # (one bridge per network for all of them), so tasks stay plain processes. The
-            # nodes share this machine's cores too: one mesh process each.
-            argv += ["--runtime", "process", "--mesh-workers", "1"]
+            # (one bridge per network for all of them), so tasks stay plain processes.
+            argv += ["--runtime", "process"]
         if n.etcd:
             # The node's etcd member shares its process group: killing the node kills both,
             # as a host dying would; starting it again restarts the member on its data.

@@ -156,7 +156,10 @@ class ControlAPI:
         self.etcd = etcd
         self.ca_dir = ca_dir
         self._ca = CertificateAuthority.load(ca_dir)
-        self._ca_version = 0
+        # The sealed CA this manager signs with, as the store held it: any other sealed value
+        # there (another leader's rotation; or ours, dropped when we stepped down and replaced
+        # by the next leader's at the same version number) is loaded before the next use.
+        self._ca_sealed = ""
         self.box = box or SecretBox.at(None)
 
     @property
@@ -164,11 +167,11 @@ class ControlAPI:
         """The swarm's CA as the store has it now (another manager may have rotated it while
         this one followed); kept on disk too, the key 0600."""
         cluster = self.store.view().cluster()
-        if cluster is not None and cluster.ca_sealed and cluster.ca_version != self._ca_version:
+        if cluster is not None and cluster.ca_sealed and cluster.ca_sealed != self._ca_sealed:
             data = self.box.open(cluster.ca_sealed, CA_SEAL_ID)
             self._ca = CertificateAuthority.from_json(self.ca_dir, data)
             self._ca.save()
-            self._ca_version = cluster.ca_version
+            self._ca_sealed = cluster.ca_sealed
         if self._ca is None:
             raise NotFound("this manager has no certificate authority (cluster not initialised)")
         return self._ca
@@ -177,16 +180,17 @@ class ControlAPI:
         """Record the CA (sealed) in the store, for every manager; once a rotation is done,
         join tokens pin the new root. This manager signs with it only once it is stored: a
         failed write leaves it on the root every other manager has."""
+        sealed = self.box.seal(ca.to_json(), CA_SEAL_ID)
+
         def write(tx: WriteTx) -> None:
             c = tx.must_get(Cluster, "default")
-            tx.update(c.model_copy(update={"ca_sealed": self.box.seal(ca.to_json(), CA_SEAL_ID),
+            tx.update(c.model_copy(update={"ca_sealed": sealed,
                                            "ca_version": c.ca_version + 1,
                                            "root_digest": c.root_digest if ca.rotating
                                            else ca.digest}))
         self.store.update(write)
         ca.save()
-        self._ca = ca
-        self._ca_version = self.store.view().must_get(Cluster, "default").ca_version
+        self._ca, self._ca_sealed = ca, sealed
 
     # -- swarm ---------------------------------------------------------------------------
     def init_cluster(self, *, hostname: str, addr: str, heartbeat_period: float,
@@ -202,7 +206,7 @@ class ControlAPI:
         cluster.root_digest = ca.digest
         cluster.ca_sealed = self.box.seal(ca.to_json(), CA_SEAL_ID)
         cluster.ca_version = 1
-        self._ca, self._ca_version = ca, 1
+        self._ca, self._ca_sealed = ca, cluster.ca_sealed
         node = Node(id=node_id or new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
                     description=NodeDescription(hostname=hostname, addr=addr,
                                                 engine_version=engine_version),

@@ -87,4 +87,6 @@ class Election:
                 await self.client.lease_revoke(self.lease)
             except EtcdUnavailable:
                 pass  # it expires by itself
+            except EtcdRefused:
+                pass  # already expired (etcd: lease not found): nothing to give up
             self.lease = 0
