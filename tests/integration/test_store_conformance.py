@@ -318,6 +318,20 @@ async def test_election_one_leader_then_the_next(etcd: EtcdCluster) -> None:
         await second.resign()
 
 
+@needs_etcd
+async def test_resigning_an_expired_lease_is_no_error(etcd: EtcdCluster) -> None:
+    # The lease ran out (the holder found out from hold()): resigning must still just end
+    # the term — before, etcd's "lease not found" escaped and ended the manager's HA loop.
+    key = f"/t-{uuid.uuid4().hex[:8]}/leader"
+    async with _clients(etcd, 1) as (a,):
+        election = Election(a, "m1:2377", ttl=2, key=key)
+        await asyncio.wait_for(election.campaign(), 5)
+        await a.lease_revoke(election.lease)  # gone, as if it had expired
+        await election.resign()
+        assert election.lease == 0
+        assert await election.leader() is None
+
+
 class _clients:
     """`n` etcd clients over all members, closed afterwards."""
 
