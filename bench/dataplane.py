@@ -54,10 +54,12 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "src"))
 
+from corral.daemon.config import usable_cpus
 from corral.dataplane.limits import raise_nofile_limit
 from corral.dataplane.nft import NftError
 from corral.dataplane.nft import apply as nft_apply
 from corral.dataplane.nft_ingress import IngressRule, render_ingress_table
+from corral.testing.labs import rss_kb
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -65,8 +67,9 @@ BACKENDS = [("127.0.0.81", 18081), ("127.0.0.82", 18082), ("127.0.0.83", 18083)]
 DIRECT = ("127.0.0.84", 18084)  # backend 1's second address, only for direct traffic
 BULK_BYTES = 100 * 1024 * 1024
 WRK_THREADS = 2
-# The CPUs we may run on: corral's default mesh workers and HAProxy's default nbthread.
-CORES = max(1, len(os.sched_getaffinity(0)))
+# The CPUs we may use, counted as `corral daemon --mesh-workers auto` counts them (HAProxy's
+# default nbthread is the same count).
+CORES = usable_cpus()
 WRK_CONNECTIONS = 50
 BULK_RUNS = 3
 HELD_CONNECTIONS = 10_000
@@ -227,14 +230,6 @@ def wait_ready_line(proc: subprocess.Popen[bytes], procs: Processes, name: str,
     proc.poll()
     raise RuntimeError(f"{name} did not become ready (exit {proc.returncode}): "
                        f"{procs.stderr_tail(name)}")
-
-
-def rss_kb(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB, from /proc."""
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 # ------------------------------------------------------------------- configuration

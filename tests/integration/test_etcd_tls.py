@@ -50,16 +50,18 @@ async def test_the_store_over_tls(etcd: EtcdCluster, tmp_path: Path) -> None:
     try:
         store = EtcdStore(client, "/tls-test/")
         await store.load()
-        ok, revision, _ = await client.txn([cmp_absent("/tls-test/leader")],
+        ok, revision = await client.txn([cmp_absent("/tls-test/leader")],
                                            [op_put("/tls-test/leader", "me")])
         assert ok
         store.lead(Fence("/tls-test/leader", revision))
         writer = asyncio.create_task(store.run_writer())
-        store.update(lambda tx: tx.create(Node(id="n1", description=NodeDescription(
-            hostname="h1", addr="10.0.0.1"))))
-        await store.flush()
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        try:
+            store.update(lambda tx: tx.create(Node(id="n1", description=NodeDescription(
+                hostname="h1", addr="10.0.0.1"))))
+            await store.flush()
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
         again = EtcdStore(client, "/tls-test/")
         await again.load()
         assert [n.id for n in again.view().all(Node)] == ["n1"]

@@ -100,7 +100,7 @@ def test_the_leader_dies_and_the_swarm_carries_on(swarm: LabSwarm) -> None:
     tasks = {t["id"] for t in swarm.running("web")}
     survivors = [(n.addr, PORT) for n in swarm.lab.nodes[1:]]
     with Load(survivors, rate=50) as load:
-        time.sleep(0.5)
+        wait_for(lambda: load.result.ok >= 10, timeout=10, what="the load to flow")
         killed = time.monotonic()
         swarm.lab.kill("node1")  # the leader, with its etcd member
         elected = asyncio.run(asyncio.wait_for(next_leader(swarm, "127.0.0.111"), 20)) - killed
@@ -109,7 +109,8 @@ def test_the_leader_dies_and_the_swarm_carries_on(swarm: LabSwarm) -> None:
         took = time.monotonic() - killed
         # Writes work again once elected: a new service converges.
         swarm.ok("service", "create", "--name", "after", "--replicas", "2", "whoami", host=n2)
-        time.sleep(1.0)
+        served = load.result.ok  # and the mesh keeps serving under the new leader
+        wait_for(lambda: load.result.ok >= served + 25, timeout=10, what="requests after that")
         result = load.stop()
     print(f"\nleader node1 killed: new leader {new} elected after {elected:.1f}s (seen by the "
           f"CLI after {took:.1f}s); requests to the surviving nodes: {result.summary()}")

@@ -184,7 +184,8 @@ def test_secrets_live_only_in_the_tasks_own_mount_namespace(swarm: LabSwarm) -> 
     swarm.ok("service", "create", "--name", "vault", "--replicas", "2", "--network", "backend",
              "--secret", "source=api_key,target=key,mode=0400",
              "--health-cmd", "test -s /run/secrets/key", "--health-interval", "1s", "whoami")
-    assert all(t["status"]["health"] == "healthy" for t in swarm.running("vault"))
+    vault = swarm.running("vault")
+    assert len(vault) == 2 and all(t["status"]["health"] == "healthy" for t in vault)
     ids = [t["id"] for t in swarm.running("vault")]
     for slot in ("1", "2"):
         r = swarm.ok("service", "exec", f"vault.{slot}", "--", "sh", "-c",

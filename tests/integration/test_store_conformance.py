@@ -15,8 +15,15 @@ from corral.api.types import ContainerSpec, Node, NodeDescription, Service, Serv
 from corral.manager.election import Election
 from corral.store.base import Action, Store, WriteTx
 from corral.store.etcd import EtcdStore, Fence, LeadershipLost, NotWritable
-from corral.store.etcd_client import EtcdClient, EtcdUnavailable, cmp_absent, op_put
+from corral.store.etcd_client import (
+    EtcdClient,
+    EtcdUnavailable,
+    cmp_absent,
+    op_delete,
+    op_put,
+)
 from corral.store.sqlite import SQLiteStore
+from corral.testing.polling import until
 from corral.testing.etcd import ETCD_MISSING, EtcdCluster, etcd_available
 
 ETCD_ADDRS = ["127.0.0.91", "127.0.0.92", "127.0.0.93"]
@@ -40,7 +47,7 @@ Opener = Callable[[], Awaitable[Store]]
 
 async def lead(client: EtcdClient, key: str) -> Fence:
     """Become leader by hand: create the election key (no lease), return the fence."""
-    ok, revision, _ = await client.txn([cmp_absent(key)], [op_put(key, "me")])
+    ok, revision = await client.txn([cmp_absent(key)], [op_put(key, "me")])
     assert ok
     return Fence(key, revision)
 
@@ -55,7 +62,7 @@ async def leading_store(client: EtcdClient, prefix: str,
 
 
 class Backends:
-    """Opens (and re-opens) one backend's store; `durable` waits for writes to be stored."""
+    """Opens (and re-opens) one backend's store (`Store.flush` waits for writes to be stored)."""
 
     def __init__(self, kind: str, tmp: Path, etcd: EtcdCluster | None) -> None:
         self.kind = kind
@@ -79,10 +86,6 @@ class Backends:
             self.tasks.append(writer)
         self.stores.append(store)
         return store
-
-    async def durable(self, store: Store) -> None:
-        if isinstance(store, EtcdStore):
-            await store.flush()
 
     async def close(self) -> None:
         for t in self.tasks:
@@ -122,7 +125,7 @@ async def test_writes_survive_reopening(backend: Backends) -> None:
     s.update(lambda tx: tx.update(n2.model_copy(update={"description": NodeDescription(
         hostname="renamed", addr="10.0.0.2")})))
     s.update(lambda tx: tx.delete(Node, "n3"))
-    await backend.durable(s)
+    await s.flush()
     again = await backend.open()
     nodes = {n.id: n for n in again.view().all(Node)}
     assert set(nodes) == {"n1", "n2"}
@@ -136,7 +139,7 @@ async def test_stale_versions_are_refused_and_change_nothing(backend: Backends) 
     s.update(lambda tx: tx.update(stale))
     with pytest.raises(SequenceConflict):
         s.update(lambda tx: tx.update(stale))
-    await backend.durable(s)
+    await s.flush()
     assert (await backend.open()).view().must_get(Service, "s-web").version == 2
 
 
@@ -149,7 +152,7 @@ async def test_a_failed_transaction_leaves_nothing(backend: Backends) -> None:
     with pytest.raises(RuntimeError):
         s.update(half)
     s.update(lambda tx: tx.create(node(2)))
-    await backend.durable(s)
+    await s.flush()
     assert [n.id for n in (await backend.open()).view().all(Node)] == ["n2"]
     assert [n.id for n in s.view().all(Node)] == ["n2"]
 
@@ -170,7 +173,7 @@ async def test_watches_see_every_change_in_order(backend: Backends) -> None:
 async def test_a_large_transaction_is_stored_whole(backend: Backends) -> None:
     s = await backend.open()
     s.update(lambda tx: [tx.create(node(i)) for i in range(300)])  # > etcd's 128 ops per txn
-    await backend.durable(s)
+    await s.flush()
     assert len((await backend.open()).view().all(Node)) == 300
 
 
@@ -212,7 +215,7 @@ async def test_a_fenced_out_leader_cannot_write(etcd: EtcdCluster) -> None:
         old.update(lambda tx: tx.create(node(1)))
         await old.flush()
         # Another manager leads now: the key was deleted and made again.
-        await a.delete_prefix(prefix + "leader")
+        await a.txn([], [op_delete(prefix + "leader")])
         await lead(a, prefix + "leader")
         old.update(lambda tx: tx.create(node(2)))
         with pytest.raises(LeadershipLost):
@@ -279,13 +282,17 @@ async def test_a_watch_on_a_member_that_lost_its_leader_ends(etcd: EtcdCluster) 
         survivor = a.endpoints.index(a.current_endpoint)
         others = [i for i in range(3) if i != survivor]
 
+        seen: list[str] = []
+
         async def follow() -> None:
-            async for _ in a.watch(prefix, 1):
-                pass
+            async for batch in a.watch(prefix, 1):
+                seen.extend(ev.kv.key for ev in batch)
 
         watching = asyncio.create_task(follow())
         try:
-            await asyncio.sleep(0.5)
+            # The watch is live: it sees a write.
+            await a.txn([], [op_put(prefix + "probe", "x")])
+            await until(lambda: seen == [prefix + "probe"], what="the watch to see the write")
             assert not watching.done()
             for i in others:
                 etcd.kill(i)
@@ -307,15 +314,21 @@ async def test_election_one_leader_then_the_next(etcd: EtcdCluster) -> None:
         fence1 = await asyncio.wait_for(first.campaign(), 5)
         waiting = asyncio.create_task(second.campaign())
         holding = asyncio.create_task(first.hold())
-        await asyncio.sleep(2.5)  # longer than the lease: the holder keeps it alive
-        assert not waiting.done() and await first.leader() == "m1:2377"
-        holding.cancel()
-        await asyncio.gather(holding, return_exceptions=True)
-        await first.resign()
-        fence2 = await asyncio.wait_for(waiting, 5)
-        assert await second.leader() == "m2:2377"
-        assert fence2.create_revision > fence1.create_revision
-        await second.resign()
+        try:
+            await asyncio.sleep(2.5)  # longer than the lease: the holder keeps it alive
+            assert not waiting.done() and await first.leader() == "m1:2377"
+            holding.cancel()
+            await asyncio.gather(holding, return_exceptions=True)
+            await first.resign()
+            fence2 = await asyncio.wait_for(waiting, 5)
+            assert await second.leader() == "m2:2377"
+            assert fence2.create_revision > fence1.create_revision
+        finally:
+            for t in (waiting, holding):
+                t.cancel()
+            await asyncio.gather(waiting, holding, return_exceptions=True)
+            await first.resign()
+            await second.resign()
 
 
 @needs_etcd

@@ -22,6 +22,7 @@ from corral.daemon.forward import needs_leader
     ("POST", "/v1/swarm/leave", False),          # about this node itself
     ("GET", "/v1/info", False),
     ("POST", "/v1/local/tasks/t/exec", False),
+    ("POST", "/v1/tasks/t/exec", False),         # any manager proxies it to the task's node
 ])
 def test_needs_leader(method: str, path: str, leader: bool) -> None:
     assert needs_leader(method, path) is leader

@@ -8,11 +8,10 @@ import gc
 import hashlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from corral.dataplane import proxy
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort

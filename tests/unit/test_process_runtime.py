@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path

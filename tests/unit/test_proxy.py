@@ -7,11 +7,10 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from corral.dataplane.proxy import (
     EARLY_LIMIT,
@@ -343,7 +342,8 @@ def test_early_bytes_are_bounded_while_the_upstream_connects(
                 client.setblocking(False)
                 await loop.sock_connect(client, ("127.0.0.1", port))
                 sender = loop.create_task(loop.sock_sendall(client, payload))
-                await asyncio.sleep(0.3)
+                await until(lambda: any(c.held for c in route.registry
+                                        if isinstance(c, ClientSide)), what="reading paused")
                 (conn,) = route.registry
                 assert isinstance(conn, ClientSide) and conn.peer is None  # still connecting
                 assert conn.held and conn.early is not None

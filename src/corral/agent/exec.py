@@ -11,6 +11,7 @@ start) and serves task logs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,3 +95,9 @@ class Executor(Protocol):
     def logs(self, task_id: str, tail: int | None = None) -> list[tuple[str, str]] | None:
         """The task's output as (stream, line) pairs, or None if the task is unknown."""
         ...
+
+
+def in_task_namespaces(pid: int, argv: Sequence[str]) -> list[str]:
+    """`argv` run in the network and mount namespaces of the task whose process is `pid`:
+    it sees what the task sees (its addresses, its /run/secrets)."""
+    return ["nsenter", "-t", str(pid), "--net", "--mount", *argv]

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import httpx
 
+from corral.agent.exec import in_task_namespaces
 from corral.api.errors import InvalidArgument
 from corral.api.types import HealthConfig
 
@@ -147,9 +148,7 @@ class CommandProbe:
         if not argv:
             raise ValueError("health check command is empty")
         if netns and pid:
-            # The task's network and mount namespaces: it sees what the task sees
-            # (its /run/secrets included).
-            argv = ["nsenter", "-t", str(pid), "--net", "--mount", *argv]
+            argv = in_task_namespaces(pid, argv)
         elif netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.argv = argv

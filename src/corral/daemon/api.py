@@ -8,7 +8,7 @@ import base64
 from typing import Annotated, Literal
 
 import httpx
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field, StrictInt

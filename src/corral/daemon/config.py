@@ -113,7 +113,7 @@ class DaemonConfig:
         """auto: one userspace mesh process per core this daemon may run on (as HAProxy's
         nbthread and nginx's `worker_processes auto`): new connections cost CPU in Python."""
         if value in (None, "", "auto"):
-            return max(1, min(usable_cpus(), MAX_MESH_WORKERS))
+            return min(usable_cpus(), MAX_MESH_WORKERS)
         try:
             return int(value)
         except ValueError:

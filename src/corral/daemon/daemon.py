@@ -10,13 +10,12 @@ import shutil
 import ssl
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 
 from corral import __version__
-from corral.agent.exec import TaskEnv
+from corral.agent.exec import TaskEnv, in_task_namespaces
 from corral.agent.runtimes.process import ProcessExecutor
 from corral.agent.certs import keep_certificate, renew
 from corral.agent.session import MANAGER_NAME, ManagerSession
@@ -145,8 +144,7 @@ class Daemon:
             self.identity = None
         if self.identity is not None:
             if self.identity.role is NodeRole.MANAGER:
-                self.manager = Manager.open(self.data_dir, self._me(self.identity.node_id))
-                self.manager.start()
+                self._start_manager(self.identity.node_id)
             await self._open_control()
             self._start_agent(self.identity)
 
@@ -198,6 +196,18 @@ class Daemon:
         """HTTPS to other nodes' control ports, as this node; send requests with
         ``extensions={"sni_hostname": NODE_NAME}`` (any node's certificate will do)."""
         return httpx.AsyncClient(verify=self.tls.client_context(), timeout=timeout)
+
+    def _start_manager(self, node_id: str) -> None:
+        """Run this node's manager (with etcd: a follower, until it wins an election)."""
+        self.manager = Manager.open(self.data_dir, self._me(node_id))
+        self.manager.start()
+
+    async def _drop_manager(self) -> None:
+        """Stop this node's manager, if any, and forget its state (keys, CA, store)."""
+        manager, self.manager = self.manager, None
+        if manager is not None:
+            await manager.stop()
+        shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
 
     async def _start_mesh_workers(self) -> None:
         """Extra userspace mesh processes on the same ports (the kernel spreads connections).
@@ -291,12 +301,9 @@ class Daemon:
                 await renew(session, self.tls, self._trust_changed)  # the new role's certificate
                 if role is NodeRole.MANAGER:
                     install_manager_keys(self.data_dir, await session.manager_keys())
-                    self.manager = Manager.open(self.data_dir, self._me(ident.node_id))
-                    self.manager.start()
-                elif self.manager is not None:
-                    await self.manager.stop()
-                    self.manager = None
-                    shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
+                    self._start_manager(ident.node_id)
+                else:
+                    await self._drop_manager()
                 self.identity = ident.model_copy(update={"role": role})
                 save_identity(self.data_dir, self.identity)
                 log.info("this node is now a %s", role.value)
@@ -370,8 +377,7 @@ class Daemon:
             raise NotFound(f"task {task_id} is not running on this node")
         argv = list(cmd)
         if runner.ctl.netns is not None and runner.ctl.pid:
-            # The task's network and mount namespaces: what it sees (/run/secrets included).
-            argv = ["nsenter", "-t", str(runner.ctl.pid), "--net", "--mount", *argv]
+            argv = in_task_namespaces(runner.ctl.pid, argv)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -482,15 +488,14 @@ class Daemon:
                                                     engine_version=__version__,
                                                     csr=self.tls.new_csr().decode(),
                                                     cert_expiry=cert_expiry, node_id=node_id)
-                await manager.durable()
+                await manager.store.flush()
                 self.tls.trust(resp.ca.encode())
                 self.tls.install(resp.cert.encode())
                 self.manager = manager
                 await self._open_control()
             except BaseException:
-                self.manager = None
-                await manager.stop()
-                shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
+                self.manager = manager
+                await self._drop_manager()
                 self.tls.forget()
                 raise
             if not manager.ha:
@@ -522,14 +527,10 @@ class Daemon:
             try:
                 if resp.manager is not None:
                     install_manager_keys(self.data_dir, resp.manager)
-                    self.manager = Manager.open(self.data_dir, self._me(resp.node_id))
-                    self.manager.start()  # a follower, until it wins an election
+                    self._start_manager(resp.node_id)  # a follower, until it wins an election
                 await self._open_control()
             except BaseException:
-                if self.manager is not None:
-                    await self.manager.stop()
-                    self.manager = None
-                shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
+                await self._drop_manager()
                 self.tls.forget()
                 raise
             self.identity = NodeIdentity(node_id=resp.node_id, role=resp.role, manager_addr=remote)
@@ -586,10 +587,7 @@ class Daemon:
                     "Use `--force` to ignore this message.")
             await self._stop_agent()
             await self._close_control()
-            if self.manager is not None:
-                await self.manager.stop()
-                self.manager = None
-                shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
+            await self._drop_manager()
             forget_identity(self.data_dir)
             self.tls.forget()
             self.identity = None

@@ -66,14 +66,11 @@ def leader_door(app: ASGIApp, daemon: Daemon) -> ASGIApp:
             await app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
-        if mgr.leading:
-            if not needs_leader(method, path):
-                await app(scope, receive, send)
-                return
-            await app(scope, receive, _durable_send(send, mgr.durable))
-            return
         if not needs_leader(method, path):
             await app(scope, receive, send)
+            return
+        if mgr.leading:
+            await app(scope, receive, _durable_send(send, mgr.store.flush))
             return
         leader = mgr.leader_addr
         if leader == daemon.api_addr:  # won the election, still catching up with the store

@@ -8,10 +8,10 @@ chosen by the :class:`Route` (round-robin over the current list, each backend
 tried at most once, each attempt bounded by a timeout, backends that recently
 failed to connect skipped while ejected — see :class:`Route`). When the upstream
 connects, an :class:`UpstreamSide` protocol is wired to the client side, any
-early bytes/EOF are forwarded, and the client is resumed if it was paused. From then on no coroutine is
-involved: each side's ``data_received`` writes straight into the other side's
-transport, ``pause_writing``/``resume_writing`` on one side pause/resume
-reading on the other (back-pressure without our own buffers), and
+early bytes/EOF are forwarded, and the client is resumed if it was paused. From
+then on no coroutine is involved: each side's ``data_received`` writes straight
+into the other side's transport, ``pause_writing``/``resume_writing`` on one side
+pause/resume reading on the other (back-pressure without our own buffers), and
 ``eof_received`` forwards a half-close with ``write_eof``. The pair is closed
 when both directions have seen EOF, or when either transport is lost.
 
@@ -30,7 +30,6 @@ import contextlib
 import errno
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -305,7 +304,7 @@ EARLY_LIMIT = 64 * 1024
 
 
 # Linux: bind() picks only the address, connect() the port, per destination (see connect_from).
-_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
 
 
 async def connect_from(loop: asyncio.AbstractEventLoop, source: str,
@@ -325,7 +324,7 @@ async def connect_from(loop: asyncio.AbstractEventLoop, source: str,
     watching = False
     try:
         sock.setblocking(False)
-        if sys.platform == "linux":
+        if _BIND_ADDRESS_NO_PORT is not None:
             with contextlib.suppress(OSError):  # kernels before 4.2: a plain bind, as before
                 sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
         sock.bind((source, 0))
@@ -588,7 +587,7 @@ class ClientSide(_Side):
         self.busy = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Hold the client's bytes in the kernel and start connecting upstream."""
+        """Count the connection and start connecting upstream (early bytes: see _hold)."""
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         # Reading goes on while we connect: the first bytes (a request, usually) are held

@@ -31,7 +31,7 @@ from corral.api.types import API_PORT
 from corral.client import SOCKET_NAME, Client, DaemonUnreachable, TlsFiles
 from corral.security import pki
 from corral.security.files import write_private
-from corral.store.etcd_member import healthy, member_argv
+from corral.store.etcd_member import member_argv, wait_healthy
 from corral.lab.hosts import Host, NetnsHosts, used_networks
 
 DEFAULT_BASE_ADDR = "127.0.0.11"
@@ -266,11 +266,9 @@ class Lab:
         """Until every member answers healthy (they elect a leader among themselves first)."""
         deadline = time.monotonic() + timeout
         for endpoint in self.etcd_endpoints:
-            while not healthy(f"http://{endpoint}"):
-                if time.monotonic() > deadline:
-                    raise CorralError(f"etcd at {endpoint} did not become healthy; see "
-                                      f"{self.dir}/*/etcd.log")
-                time.sleep(0.1)
+            if not wait_healthy(f"http://{endpoint}", deadline):
+                raise CorralError(f"etcd at {endpoint} did not become healthy; see "
+                                  f"{self.dir}/*/etcd.log")
 
     @property
     def tls_dir(self) -> Path:

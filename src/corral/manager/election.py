@@ -18,7 +18,6 @@ from corral.store.etcd_client import (
     EtcdUnavailable,
     cmp_absent,
     op_put,
-    op_range,
 )
 
 log = logging.getLogger(__name__)
@@ -47,15 +46,17 @@ class Election:
         """Wait until this manager leads; returns its fence."""
         while True:
             try:
-                lease = await self.client.lease_grant(self.ttl)
-                ok, revision, _ = await self.client.txn(
-                    [cmp_absent(self.key)], [op_put(self.key, self.me, lease)],
-                    [op_range(self.key)])
-                if ok:
-                    self.lease = lease
-                    log.info("elected leader (fence revision %d)", revision)
-                    return Fence(self.key, revision)
-                await self.client.lease_revoke(lease)
+                # A lease only when nobody leads: granting and revoking one on every try
+                # would add two Raft writes per follower per try, for as long as it follows.
+                if await self.leader() is None:
+                    lease = await self.client.lease_grant(self.ttl)
+                    ok, revision = await self.client.txn(
+                        [cmp_absent(self.key)], [op_put(self.key, self.me, lease)])
+                    if ok:
+                        self.lease = lease
+                        log.info("elected leader (fence revision %d)", revision)
+                        return Fence(self.key, revision)
+                    await self.client.lease_revoke(lease)  # another manager was quicker
             except (EtcdUnavailable, EtcdRefused) as exc:
                 log.warning("election: %s", exc)
             await asyncio.sleep(self.ttl / 3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -99,12 +98,7 @@ class Manager:
         await asyncio.wait_for(leading(), timeout)
 
     def store_error(self) -> str:
-        return getattr(self.store, "error", "") or "no etcd member answers"
-
-    async def durable(self) -> None:
-        """Wait until this manager's writes so far are stored (etcd: replicated)."""
-        if isinstance(self.store, EtcdStore):
-            await self.store.flush()
+        return self.store.error or "no etcd member answers"
 
     async def _run_pipeline(self) -> None:
         async with asyncio.TaskGroup() as tg:

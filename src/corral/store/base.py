@@ -179,6 +179,7 @@ class Store:
     def __init__(self) -> None:
         self._tables: Tables = {k: {} for k in KINDS}
         self._watches: set[Watch] = set()
+        self.error = ""  # why the last write failed (a replicated store; shown by the API)
 
     # -- backend hooks ------------------------------------------------------
     def _load(self) -> Iterable[StoredObject]:
@@ -189,6 +190,9 @@ class Store:
 
     def close(self) -> None:
         pass
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every write made so far is durable (a local store: it already is)."""
 
     # -- public interface ---------------------------------------------------
     def open(self) -> None:

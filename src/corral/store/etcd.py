@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.api.errors import CorralError
 from corral.api.types import StoredObject
-from corral.store.base import KINDS, Action, Event, Store
+from corral.store.base import KINDS, Action, Event, Store, Tables
 from corral.store.etcd_client import (
     EtcdClient,
+    EtcdCompacted,
     EtcdRefused,
     EtcdUnavailable,
     WatchEvent,
@@ -82,7 +82,6 @@ class EtcdStore(Store):
         self._written = 0
         self._progress = asyncio.Condition()
         self._wake = asyncio.Event()
-        self.error = ""  # why the last write failed (shown by the API when not writable)
 
     # -- loading and following --------------------------------------------------------------
     async def load(self) -> None:
@@ -98,44 +97,54 @@ class EtcdStore(Store):
         self._tables = tables
         self.revision = revision
 
-    def _load(self) -> Iterable[StoredObject]:
-        return ()  # loading is async: see load()
-
     async def follow(self) -> None:
         """Apply other managers' writes as etcd streams them (until cancelled)."""
         while True:
             try:
-                async for ev in self.client.watch(self.prefix, self.revision + 1):
-                    self._apply_remote(ev)
+                async for batch in self.client.watch(self.prefix, self.revision + 1):
+                    self._apply_remote(batch)
             except EtcdUnavailable as exc:
                 log.warning("store watch: %s; resuming from revision %d", exc, self.revision)
                 await asyncio.sleep(RETRY)
                 try:
-                    if "compacted" in str(exc):
+                    if isinstance(exc, EtcdCompacted):
                         await self.load()  # too far behind: start again from a full read
                 except EtcdUnavailable:
                     pass
 
-    def _apply_remote(self, ev: WatchEvent) -> None:
-        self.revision = max(self.revision, ev.kv.mod_revision)
-        parsed = parse_key(ev.kv.key, self.prefix)
-        if parsed is None:
-            return
-        kind, obj_id = parsed
-        table = self._tables[kind]
-        old = table.get(obj_id)
-        if ev.kind == "delete":
-            if old is None:
-                return
-            event = Event(Action.DELETE, kind, old, old)
-            self._tables = {**self._tables, kind: {k: v for k, v in table.items() if k != obj_id}}
-        else:
-            obj = KINDS[kind].model_validate_json(ev.kv.value)
-            if old is not None and old.version >= obj.version and old == obj:
-                return  # our own write coming back
-            event = Event(Action.CREATE if old is None else Action.UPDATE, kind, obj, old)
-            self._tables = {**self._tables, kind: {**table, obj_id: obj}}
-        self._notify([event])
+    def _apply_remote(self, batch: list[WatchEvent]) -> None:
+        """Apply one watch message (one etcd transaction, often many objects): each table it
+        touches is copied once, as a local store transaction does."""
+        staged: Tables = dict(self._tables)
+        copied: set[str] = set()
+        events: list[Event] = []
+        for ev in batch:
+            self.revision = max(self.revision, ev.kv.mod_revision)
+            parsed = parse_key(ev.kv.key, self.prefix)
+            if parsed is None:
+                continue
+            kind, obj_id = parsed
+            old = staged[kind].get(obj_id)
+            if ev.kind == "delete":
+                if old is None:
+                    continue
+                event = Event(Action.DELETE, kind, old, old)
+            else:
+                obj = KINDS[kind].model_validate_json(ev.kv.value)
+                if old is not None and old.version >= obj.version and old == obj:
+                    continue  # our own write coming back
+                event = Event(Action.CREATE if old is None else Action.UPDATE, kind, obj, old)
+            if kind not in copied:
+                staged[kind] = dict(staged[kind])
+                copied.add(kind)
+            if event.action is Action.DELETE:
+                del staged[kind][obj_id]
+            else:
+                staged[kind][obj_id] = event.obj
+            events.append(event)
+        if events:
+            self._tables = staged
+            self._notify(events)
 
     # -- writing ------------------------------------------------------------------------
     def _persist(self, events: list[Event]) -> None:
@@ -178,16 +187,10 @@ class EtcdStore(Store):
                     # Memory and etcd would part ways: stop leading; the next leader (maybe
                     # this manager again) starts from what etcd holds.
                     log.error("store write %d refused by etcd: %s", seq, exc)
-                    self.error = f"etcd refused a write: {exc}"
-                    self.fence = None
-                    async with self._progress:
-                        self._progress.notify_all()
+                    await self.step_down(f"etcd refused a write: {exc}")
                     raise LeadershipLost() from exc
                 except LeadershipLost:
-                    self.error = "another manager leads now"
-                    self.fence = None
-                    async with self._progress:
-                        self._progress.notify_all()
+                    await self.step_down("another manager leads now")
                     raise
                 self.error = ""
                 self._queue.popleft()
@@ -208,7 +211,7 @@ class EtcdStore(Store):
         # etcd caps the operations of one transaction: a very large store transaction (say,
         # a service of 500 replicas) goes in several, each still fenced.
         for i in range(0, len(ops), MAX_TXN_OPS):
-            ok, revision, _ = await self.client.txn(
+            ok, revision = await self.client.txn(
                 [cmp_create_revision(fence.key, fence.create_revision)], ops[i:i + MAX_TXN_OPS])
             if not ok:
                 raise LeadershipLost()

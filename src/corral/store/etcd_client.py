@@ -26,6 +26,10 @@ class EtcdUnavailable(Exception):
     """No endpoint answered (or the cluster has no quorum): the store cannot be written now."""
 
 
+class EtcdCompacted(EtcdUnavailable):
+    """A watch asked for revisions etcd has compacted away: read everything again."""
+
+
 class EtcdRefused(Exception):
     """etcd answered and refused the request itself (retrying the same request cannot help)."""
 
@@ -90,10 +94,6 @@ def op_delete(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": b64(key)}}
 
 
-def op_range(key: str) -> dict[str, Any]:
-    return {"request_range": {"key": b64(key)}}
-
-
 # etcd's "require leader" (gRPC metadata through the gateway): a member cut off from its
 # leader ends the watch instead of going quiet, so the follower moves to a member that has one.
 REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
@@ -152,15 +152,11 @@ class EtcdClient:
         kvs = r.get("kvs", [])
         return _kv(kvs[0]) if kvs else None
 
-    async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
-                  failure: list[dict[str, Any]] | None = None) -> tuple[bool, int, list[Any]]:
-        """One atomic transaction: (whether `compare` held, revision, responses)."""
-        r = await self._call("kv/txn", {"compare": compare, "success": success,
-                                        "failure": failure or []})
-        return bool(r.get("succeeded", False)), int(r["header"]["revision"]), r.get("responses", [])
-
-    async def delete_prefix(self, prefix: str) -> None:
-        await self._call("kv/deleterange", {"key": b64(prefix), "range_end": prefix_end(prefix)})
+    async def txn(self, compare: list[dict[str, Any]],
+                  success: list[dict[str, Any]]) -> tuple[bool, int]:
+        """One atomic transaction: (whether `compare` held, the revision after it)."""
+        r = await self._call("kv/txn", {"compare": compare, "success": success})
+        return bool(r.get("succeeded", False)), int(r["header"]["revision"])
 
     async def lease_grant(self, ttl: int) -> int:
         r = await self._call("lease/grant", {"TTL": str(ttl)})
@@ -174,9 +170,10 @@ class EtcdClient:
     async def lease_revoke(self, lease: int) -> None:
         await self._call("lease/revoke", {"ID": str(lease)})
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
-        """Changes under `prefix` from `start_revision` on, as etcd streams them. Ends (raising
-        EtcdUnavailable) when the stream breaks: the caller resumes from its last revision."""
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Changes under `prefix` from `start_revision` on, one list per message etcd streams
+        (a transaction's changes arrive together). Ends (raising EtcdUnavailable) when the
+        stream ends: the caller resumes from its last revision."""
         body = {"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix),
                                    "start_revision": str(start_revision)}}
         url = f"{self.endpoints[self._current]}/v3/watch"
@@ -197,14 +194,14 @@ class EtcdClient:
                             break
                         msg = data.get("result", {})
                         if msg.get("compact_revision"):
-                            raise EtcdUnavailable(f"watch start {start_revision} was compacted")
+                            raise EtcdCompacted(f"watch start {start_revision} was compacted")
                         if msg.get("canceled"):
                             reason = (f"{self.current_endpoint} cancelled the watch: "
                                       f"{msg.get('cancel_reason', '')}")
                             break
-                        for ev in msg.get("events", []):
-                            yield WatchEvent("delete" if ev.get("type") == "DELETE" else "put",
-                                             _kv(ev["kv"]))
+                        if events := msg.get("events"):
+                            yield [WatchEvent("delete" if ev.get("type") == "DELETE" else "put",
+                                              _kv(ev["kv"])) for ev in events]
         except (httpx.HTTPError, ValueError) as exc:
             reason = f"watch stream broke: {exc.__class__.__name__}"
         # However it ended, the caller waits a moment and resumes, on the next member.

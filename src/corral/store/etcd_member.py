@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -30,3 +32,16 @@ def healthy(client_url: str, verify: ssl.SSLContext | bool = True) -> bool:
         return bool(r.json().get("health") == "true")
     except (httpx.HTTPError, ValueError, ssl.SSLError):
         return False
+
+
+def wait_healthy(client_url: str, deadline: float, verify: ssl.SSLContext | bool = True,
+                 alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll until the member is healthy (True), or until `deadline` (time.monotonic) passes
+    or `alive()` says its process is gone (False)."""
+    while alive():
+        if healthy(client_url, verify):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return False

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corral.store.etcd_member import healthy, member_argv
+from corral.store.etcd_member import member_argv, wait_healthy
 
 ETCD_MISSING = "etcd is not installed (Debian: etcd-server; `make test` installs it as root)"
 
@@ -100,8 +100,11 @@ class EtcdCluster:
         self.members = [Member(f"etcd{i + 1}", a, 2379, 2380, self.root / f"etcd{i + 1}",
                                scheme="https" if self.tls else "http")
                         for i, a in enumerate(self.addrs)]
+        self._verify: ssl.SSLContext | bool = True  # how health checks trust the members
         if self.tls:
-            self.tls_files = make_tls(self.root / "tls", self.addrs)
+            self.tls_files = f = make_tls(self.root / "tls", self.addrs)
+            self._verify = ssl.create_default_context(cafile=str(f["ca"]))
+            self._verify.load_cert_chain(f["client"], f["client-key"])
 
     @property
     def endpoints(self) -> list[str]:
@@ -128,19 +131,13 @@ class EtcdCluster:
                                       stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_healthy(self, m: Member, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            assert m.proc is not None
-            if m.proc.poll() is not None:
-                raise RuntimeError(f"{m.name} exited ({m.proc.returncode}); see "
-                                   f"{m.data_dir.parent / (m.name + '.log')}")
-            verify: ssl.SSLContext | bool = True
-            if self.tls:
-                f = self.tls_files
-                verify = ssl.create_default_context(cafile=str(f["ca"]))
-                verify.load_cert_chain(f["client"], f["client-key"])
-            if healthy(m.endpoint, verify):
-                return
-            time.sleep(0.1)
+        proc = m.proc
+        assert proc is not None
+        if wait_healthy(m.endpoint, deadline, self._verify, lambda: proc.poll() is None):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{m.name} exited ({proc.returncode}); see "
+                               f"{m.data_dir.parent / (m.name + '.log')}")
         raise RuntimeError(f"{m.name} did not become healthy in time")
 
     def kill(self, i: int) -> None:

@@ -120,12 +120,12 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def idle_memory_line(lab: Lab, managers: int = 1, goal_mb: float = 80.0) -> str:
-    """One line with each lab daemon's resident memory (benches: call it before any task).
-    Node1..`managers` are the managers, as `Lab.up` makes them."""
-    parts = [f"{n.name} ({'manager' if i < managers else 'worker'}) {rss_kb(n.pid) / 1024:.1f} MB"
+def idle_memory_line(lab: Lab) -> str:
+    """One line with each lab daemon's resident memory (benches: call it before any task;
+    node1 is the one manager, as `Lab.up` makes it by default)."""
+    parts = [f"{n.name} ({'manager' if i == 0 else 'worker'}) {rss_kb(n.pid) / 1024:.1f} MB"
              for i, n in enumerate(lab.nodes)]
-    return f"idle daemon RSS (agent + mesh, no tasks; goal under {goal_mb:g} MB): " + ", ".join(parts)
+    return "idle daemon RSS (agent + mesh, no tasks; goal under 80 MB): " + ", ".join(parts)
 
 
 def local_api(socket_url: str, timeout: float = 10.0) -> httpx.Client:
