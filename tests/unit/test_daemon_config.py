@@ -55,6 +55,14 @@ def test_auto_mesh(monkeypatch: pytest.MonkeyPatch, initial: bool, runtime: str,
     assert DaemonConfig.parse_mesh("userspace", runtime) == "userspace"  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("prefix", ["", "x" * 21, "corral t", "a/b", "t@", "t%d"])
+def test_bad_task_netns_prefix(prefix: str) -> None:
+    # Task namespace names are built from it: refused at start, not at the first task.
+    with pytest.raises(InvalidArgument, match="--task-netns-prefix must be 1 to 20 of"):
+        make(task_netns_prefix=prefix)
+    assert make(task_netns_prefix="lab-1.t_").task_netns_prefix == "lab-1.t_"
+
+
 def test_kernel_mesh_needs_the_netns_runtime() -> None:
     with pytest.raises(InvalidArgument, match="--mesh kernel needs --runtime netns"):
         make(mesh="kernel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -84,8 +85,9 @@ class DaemonConfig:
                                   "overlay, forwarding in the node's own namespace)")
         if not 1 <= self.mesh_workers <= MAX_MESH_WORKERS:
             raise InvalidArgument(f"--mesh-workers must be between 1 and {MAX_MESH_WORKERS}")
-        if not 1 <= len(self.task_netns_prefix) <= 20:
-            raise InvalidArgument("--task-netns-prefix must be 1 to 20 characters")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,20}", self.task_netns_prefix):
+            # Namespace names are built from it (host/netlink.py accepts these characters).
+            raise InvalidArgument("--task-netns-prefix must be 1 to 20 of A-Z a-z 0-9 _ . + -")
 
     @property
     def socket(self) -> Path:

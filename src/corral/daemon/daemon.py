@@ -56,7 +56,7 @@ from corral.security.pki import (
     split_bundle,
 )
 
-if TYPE_CHECKING:  # the overlay (pyroute2, dnspython) is loaded only by the netns runtime
+if TYPE_CHECKING:  # the overlay (and dnspython) is loaded only by the netns runtime
     from corral.agent.overlay import NodeOverlay
 
 log = logging.getLogger(__name__)
