@@ -12,6 +12,8 @@ own loopback address:
   process, and one per CPU sharing the port (SO_REUSEPORT; the daemon's default workers);
 - HAProxy `mode tcp` and nginx `stream`, round-robin over the 3, one thread/worker each, and
   HAProxy with one thread per CPU (its default nbthread), compared with the per-CPU mesh;
+- Python floor: bench/floor_proxy.py, the least any Python proxy does per connection (one epoll
+  loop, raw sockets, no features), to tell what corral's mesh costs from what Python costs;
 - corral kernel (nftables): corral's own ingress ruleset (nft_ingress.render_ingress_table,
   applied with nft.apply) DNATing round-robin over 3 backends, run entirely inside a throwaway
   network namespace (its own nginx backends, wrk and curl in there too, 10.98.200.0/24 on its
@@ -381,6 +383,16 @@ def start_mesh(procs: Processes, path: Path, workers: int = 1) -> None:
         if i == 0:
             path.pid = proc.pid
         path.pids.append(proc.pid)
+
+
+def start_floor(procs: Processes, path: Path) -> None:
+    """bench/floor_proxy.py: the least a Python proxy does per connection (no corral code)."""
+    argv = [sys.executable, str(HERE / "floor_proxy.py"), f"{path.addr}:{path.port}",
+            *(f"{a}:{p}" for a, p in BACKENDS)]
+    proc = procs.start("floor", argv, stdout=subprocess.PIPE)
+    wait_ready_line(proc, procs, "floor")
+    path.pid = proc.pid
+    path.pids.append(proc.pid)
 
 
 def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path, threads: int = 1) -> None:
@@ -789,7 +801,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
     paths = [
         Path("direct", "direct (1 backend)", *DIRECT),
         Path("ns-direct", "direct in netns (1 backend)", *NS_DIRECT, netns=ns.name),
-        Path("corral", "corral mesh (uvloop)", "127.0.0.90", 19090),
+        Path("corral", "corral mesh (uvloop)", "127.0.0.90", 19090, extra_refs=("floor",)),
         Path("corral2", f"corral mesh, {CORES} workers (default)", "127.0.0.93", 19093,
              extra_refs=("haproxy2",)),
         Path("kernel", "corral kernel (nftables)", *NS_NODE, netns=ns.name,
@@ -797,6 +809,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
         Path("haproxy", "HAProxy mode tcp", "127.0.0.91", 19091),
         Path("haproxy2", f"HAProxy, {CORES} threads (default)", "127.0.0.94", 19094),
         Path("nginx", "nginx stream", "127.0.0.92", 19092),
+        Path("floor", "Python floor (bare epoll, no features)", "127.0.0.96", 19096),
     ]
     by_key = {p.key: p for p in paths}
     if shutil.which("haproxy") is None:
@@ -813,6 +826,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
         start_backends(procs, tmp)
         start_mesh(procs, by_key["corral"])
         start_mesh(procs, by_key["corral2"], workers=CORES)
+        start_floor(procs, by_key["floor"])
         starters: list[tuple[str, Callable[[Processes, pathlib.Path, Path], None]]] = [
             ("haproxy", start_haproxy),
             ("haproxy2", lambda procs, tmp, path: start_haproxy(procs, tmp, path, CORES)),

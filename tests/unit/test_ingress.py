@@ -15,6 +15,7 @@ import pytest
 
 from corral.dataplane import proxy
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
+from corral.dataplane.reactor import IN
 from corral.testing.streams import Source, read_digest
 from corral.testing.polling import until
 
@@ -232,7 +233,7 @@ def test_closed_connections_are_freed_without_the_cyclic_gc(run: Callable[[Scena
     for the garbage collector to find later)."""
 
     def sides() -> int:
-        return sum(isinstance(o, proxy._Side) for o in gc.get_objects())
+        return sum(isinstance(o, proxy.Connection) for o in gc.get_objects())
 
     async def scenario() -> None:
         async with cluster(1) as (mesh, bs, writers):
@@ -245,7 +246,7 @@ def test_closed_connections_are_freed_without_the_cyclic_gc(run: Callable[[Scena
                 for _ in range(20):
                     assert await hello(port, writers) == "b0"
                 await until(lambda: mesh.stats(port).active == 0)
-                await asyncio.sleep(0)  # the loop drops its last references to the protocols
+                await asyncio.sleep(0)  # the loop drops its last references to the connections
                 assert sides() == before
             finally:
                 gc.enable()
@@ -300,7 +301,7 @@ def test_large_transfer_both_directions(run: Callable[[Scenario], None]) -> None
 
 def test_backpressure_keeps_mesh_buffers_small(run: Callable[[Scenario], None],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    # The transport path (bulk would move to splice: test_splice.py has that one).
+    # The copying path (bulk would move to splice: test_splice.py has that one).
     monkeypatch.setattr(proxy, "SPLICE", False)
 
     async def scenario() -> None:
@@ -315,13 +316,12 @@ def test_backpressure_keeps_mesh_buffers_small(run: Callable[[Scenario], None],
             await mesh.apply({PublishedPort(port): [Backend("127.0.0.1", sport)]})
             r, w = await asyncio.open_connection("127.0.0.1", port)
             await asyncio.sleep(0.5)  # a slow client: read nothing for a while
-            (conn,) = mesh._conns  # white-box: the mesh's client-side transport
-            assert conn.transport is not None and conn.peer is not None
-            assert conn.peer.transport is not None
-            # Userspace buffering is bounded by the write high-water mark
-            # (plus at most one read), and the upstream is paused.
-            assert conn.transport.get_write_buffer_size() < 1 << 20
-            assert not conn.peer.transport.is_reading()
+            (conn,) = mesh._conns  # white-box: what the mesh holds for this connection
+            # At most one read is held (for the slow client), and the upstream is not read
+            # meanwhile: the rest waits in the kernel, then at the source.
+            assert conn.cbuf is not None and len(conn.cbuf) <= 64 * 1024
+            assert conn.ubuf is None
+            assert not conn.umask & IN
             assert source.sent < size
             assert await read_digest(r) == (size, source.digest())
         finally:
@@ -522,8 +522,8 @@ def test_quiet_connections_get_keepalive_towards_the_backend(run: Callable[[Scen
             w.write(b"x")
             assert await r.read(1) == b"x"
             (conn,) = list(mesh._conns)
-            assert conn.peer is not None and conn.peer.transport is not None
-            upstream = conn.peer.transport.get_extra_info("socket")
+            upstream = conn.upstream
+            assert upstream is not None
             # Not on the per-connection path: a fresh connection has no keepalive yet.
             assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
             for _ in range(40):

@@ -13,14 +13,16 @@ from typing import Any
 import pytest
 
 from corral.dataplane.proxy import (
-    EARLY_LIMIT,
+    CONNECTING,
     Backend,
-    ClientSide,
     PortStats,
     Route,
+    TcpListener,
     bind_error_message,
-    connect_from,
+    listen,
+    open_upstream,
 )
+from corral.dataplane.reactor import Reactor
 from corral.testing.polling import until
 
 Scenario = Callable[[], Awaitable[None]]
@@ -203,14 +205,15 @@ async def _greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 async def proxy(route: Route) -> AsyncIterator[int]:
     """A listener on an ephemeral port forwarding through ``route``."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(route.make_client, "127.0.0.1", 0)
+    reactor = Reactor(loop)
+    listener = TcpListener(reactor, await listen(loop, "127.0.0.1", 0), route)
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield listener.socks[0].getsockname()[1]
     finally:
-        server.close()
+        listener.close()
         for conn in list(route.registry):
             conn.abort()
-        await asyncio.sleep(0)
+        reactor.close()
 
 
 def test_connect_timeout_moves_to_next_backend(run: Callable[[Scenario], None]) -> None:
@@ -243,13 +246,17 @@ def test_connect_timeout_moves_to_next_backend(run: Callable[[Scenario], None]) 
     run(scenario)
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_sockets() -> int:
+    """Sockets this process holds (not other descriptors: uvloop opens some of its own lazily)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
 
 
 def test_connects_from_the_source_address(run: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
         seen: list[str] = []
 
         async def who(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -257,36 +264,48 @@ def test_connects_from_the_source_address(run: Callable[[Scenario], None]) -> No
             w.close()
 
         good = await asyncio.start_server(who, "127.0.0.1", 0)
-        blackhole, filler, closed = socket.socket(), socket.socket(), socket.socket()
+        closed = socket.socket()
         try:
-            blackhole.bind(("127.0.0.1", 0))
-            blackhole.listen(0)
-            filler.connect(blackhole.getsockname())
             closed.bind(("127.0.0.1", 0))  # a port nobody listens on
-            sock = await connect_from(loop, "127.0.0.5",
-                                      Backend("127.0.0.1", good.sockets[0].getsockname()[1]))
+            sock, done = open_upstream("127.0.0.5",
+                                       Backend("127.0.0.1", good.sockets[0].getsockname()[1]))
+            # To this node, the handshake is over before connect() returns: no wait for an event.
+            assert done
             assert sock.getsockname()[0] == "127.0.0.5" and sock.getsockname()[1] > 0
             sock.close()
             await until(lambda: seen == ["127.0.0.5"])
-            with pytest.raises(OSError) as refused:
-                await connect_from(loop, "127.0.0.5",
-                                   Backend("127.0.0.1", closed.getsockname()[1]))
-            assert refused.value.errno == errno.ECONNREFUSED
-            # A connect that hangs (the SYN is dropped), cut short as the connect timer does:
-            # neither its socket nor its watch on the loop is left behind.
-            before = _open_fds()
-            pending = loop.create_task(connect_from(
-                loop, "127.0.0.5", Backend("127.0.0.1", blackhole.getsockname()[1])))
-            await asyncio.sleep(0.2)
-            assert not pending.done()
-            pending.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await pending
-            assert _open_fds() == before
+            sock, done = open_upstream("127.0.0.5", Backend("127.0.0.1", closed.getsockname()[1]))
+            try:
+                assert not done
+                await until(lambda: sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                            == errno.ECONNREFUSED)
+            finally:
+                sock.close()
         finally:
             good.close()
-            for s in (blackhole, filler, closed):
-                s.close()
+            closed.close()
+
+    run(scenario)
+
+
+def test_refused_backend_is_skipped_and_ejected(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        good = await asyncio.start_server(_greeter, "127.0.0.1", 0)
+        closed = socket.socket()
+        try:
+            closed.bind(("127.0.0.1", 0))  # a port nobody listens on
+            dead = Backend("127.0.0.1", closed.getsockname()[1])
+            ok = Backend("127.0.0.1", good.sockets[0].getsockname()[1])
+            route = make_route([dead, ok])
+            async with proxy(route) as port:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert await reader.readline() == b"hi\n"
+                writer.close()
+                assert route.stats.failed_connects == 1 and route.stats.rejected == 0
+                assert route.ejected() == {dead}
+        finally:
+            good.close()
+            closed.close()
 
     run(scenario)
 
@@ -319,13 +338,14 @@ def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None]) -
     run(scenario)
 
 
-def test_early_bytes_are_bounded_while_the_upstream_connects(
+def test_early_bytes_wait_in_the_kernel_while_the_upstream_connects(
         run: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
         # A backend whose accept queue is full: our connect hangs (SYN dropped) until the
-        # queue drains. Meanwhile the client sends far more than EARLY_LIMIT: the client
-        # side holds at most about EARLY_LIMIT (plus one read) and pauses reading; once the
-        # upstream connects, every byte arrives, in order.
+        # queue drains. Meanwhile the client sends far more than the kernel's buffers hold:
+        # the mesh reads none of it (the client is not read before the upstream exists), so
+        # it waits in the kernel and at the sender; once the upstream connects, every byte
+        # arrives, in order.
         loop = asyncio.get_running_loop()
         backend = socket.socket()
         filler = socket.socket()
@@ -336,19 +356,17 @@ def test_early_bytes_are_bounded_while_the_upstream_connects(
             backend.listen(0)
             filler.connect(backend.getsockname())
             route = make_route([Backend("127.0.0.1", backend.getsockname()[1])], timeout=10.0)
-            # More than the kernel buffers on both sides of the client socket can hold.
             payload = bytes(range(256)) * (64 * 1024)  # 16 MiB
             async with proxy(route) as port:
                 client.setblocking(False)
                 await loop.sock_connect(client, ("127.0.0.1", port))
                 sender = loop.create_task(loop.sock_sendall(client, payload))
-                await until(lambda: any(c.held for c in route.registry
-                                        if isinstance(c, ClientSide)), what="reading paused")
+                await until(lambda: len(route.registry) == 1, what="accepted")
                 (conn,) = route.registry
-                assert isinstance(conn, ClientSide) and conn.peer is None  # still connecting
-                assert conn.held and conn.early is not None
-                assert EARLY_LIMIT <= len(conn.early) < EARLY_LIMIT + 512 * 1024
-                assert not sender.done()  # the rest waits in the kernel, not in our memory
+                await asyncio.sleep(0.3)
+                assert conn.state == CONNECTING
+                assert conn.cbuf is None and conn.ubuf is None  # nothing held by the mesh
+                assert not sender.done()  # the rest waits in the kernel and at the sender
                 # Drain the accept queue: the retried SYN gets through, the proxy connects.
                 backend.accept()[0].close()
                 backend.setblocking(False)
@@ -380,16 +398,18 @@ def test_client_gone_while_connecting(run: Callable[[Scenario], None]) -> None:
             hole = Backend("127.0.0.1", blackhole.getsockname()[1])
             route = make_route([hole], timeout=0.3)
             async with proxy(route) as port:
+                before = _open_sockets()
                 _, w = await asyncio.open_connection("127.0.0.1", port)
-                await asyncio.sleep(0.05)
+                await until(lambda: len(route.registry) == 1, what="accepted")
                 (conn,) = route.registry
-                assert isinstance(conn, ClientSide) and conn.task is not None
+                assert conn.state == CONNECTING
                 w.close()
-                # Gives up after the timeout, closes, and leaves nothing behind.
-                await asyncio.sleep(0.5)
-                assert route.registry == set()
+                # Gives up after the timeout, closes, and leaves nothing behind: no
+                # connection, no socket (client, upstream), no timer.
+                await until(lambda: not route.registry, what="given up")
                 assert route.stats.active == 0
                 assert route.stats.rejected == 1
+                await until(lambda: _open_sockets() == before, what="every socket closed")
         finally:
             filler.close()
             blackhole.close()

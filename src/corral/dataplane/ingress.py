@@ -13,7 +13,7 @@ connects fail, upstream connect with retries, the bidirectional copy) lives in
 survives ``apply`` for backends that stay listed and is forgotten for the rest.
 
 Listeners are keyed by :class:`PublishedPort` (port + protocol) so a UDP
-listener can be added beside the TCP one later.
+listener can sit beside the TCP one on the same port.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from corral.dataplane.balance import BalanceKind, make_balancer
-from corral.dataplane.udp import UdpListener
 from corral.dataplane.proxy import (
+    OPEN,
     Backend,
-    ClientSide,
+    Connection,
     PortStats,
     PublishedPort,
     Route,
+    TcpListener,
     bind_error_message,
-    set_keepalive,
+    keepalive,
+    listen,
 )
+from corral.dataplane.reactor import Reactor
+from corral.dataplane.udp import UdpListener
 
 __all__ = ["Backend", "IngressMesh", "LbPolicy", "PortStats", "PublishedPort"]
 
@@ -48,26 +52,6 @@ DEFAULT_POLICY: LbPolicy = ("rr", None, 0)
 # Generous accept backlog: the mesh fronts whole services, and bursts of new
 # connections should queue in the kernel rather than be refused.
 _BACKLOG = 1024
-
-
-class _TcpListener:
-    """A bound TCP listener and the route its connections follow."""
-
-    __slots__ = ("server", "route")
-
-    def __init__(self, server: asyncio.AbstractServer, route: Route) -> None:
-        """Pair a started server with its route."""
-        self.server = server
-        self.route = route
-
-    def close(self) -> None:
-        """Stop accepting and release the port; established connections live on."""
-        # No new connections, and no retries of in-flight connects either.
-        self.route.set_backends(())
-        # Server.close() closes the listening sockets synchronously (the port
-        # is released now). We deliberately do not await wait_closed(): on
-        # Python >= 3.12 and uvloop it waits for every accepted connection.
-        self.server.close()
 
 
 class _UdpListener:
@@ -115,13 +99,15 @@ class IngressMesh:
         self._sweeper: asyncio.Task[None] | None = None
         self.stats_idle_closed = 0
         self._connect_timeout = connect_timeout
-        self._listeners: dict[PublishedPort, _TcpListener | _UdpListener] = {}
+        self._listeners: dict[PublishedPort, TcpListener | _UdpListener] = {}
+        # The TCP sockets' readiness set, made with the first listener (it needs the loop).
+        self._reactor: Reactor | None = None
         self._policies: dict[PublishedPort, LbPolicy] = {}
         # Stats outlive listeners so counters stay monotonic if a port is
         # removed and re-added (and so draining connections can still count).
         self._stats: dict[PublishedPort, PortStats] = {}
         # Every open client connection, across all ports, for close().
-        self._conns: set[ClientSide] = set()
+        self._conns: set[Connection] = set()
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -187,19 +173,13 @@ class IngressMesh:
             return None
         loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(
-                route.make_client,
-                host=self._listen_addr,
-                port=pp.port,
-                reuse_address=True,
-                # Several mesh processes (--mesh-workers) share each port; the kernel spreads
-                # new connections over them.
-                reuse_port=self._reuse_port or None,
-                backlog=_BACKLOG,
-            )
+            socks = await listen(loop, self._listen_addr, pp.port, reuse_port=self._reuse_port,
+                                 backlog=_BACKLOG)
         except OSError as exc:
             return bind_error_message(exc)
-        self._listeners[pp] = _TcpListener(server, route)
+        if self._reactor is None:
+            self._reactor = Reactor(loop)
+        self._listeners[pp] = TcpListener(self._reactor, socks, route)
         return None
 
     def listening(self) -> set[PublishedPort]:
@@ -230,23 +210,20 @@ class IngressMesh:
         period = SWEEP_PERIOD
         if self._idle_timeout > 0:
             period = min(period, self._idle_timeout / 2)
-        quiet_since: dict[ClientSide, float] = {}
+        quiet_since: dict[Connection, float] = {}
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            still: dict[ClientSide, float] = {}
+            still: dict[Connection, float] = {}
             for conn in list(self._conns):
-                peer = conn.peer
-                if conn.busy or (peer is not None and peer.busy):
+                if conn.busy:
                     conn.busy = False
-                    if peer is not None:
-                        peer.busy = False
                     continue
                 since = quiet_since.get(conn)
                 if since is None:
                     since = now
-                    if peer is not None and peer.transport is not None:
-                        set_keepalive(peer.transport)
+                    if conn.state == OPEN and conn.upstream is not None:
+                        keepalive(conn.upstream)  # (a spliced pair got it when it moved)
                 if self._idle_timeout > 0 and now - since + period >= self._idle_timeout:
                     conn.abort()
                     self.stats_idle_closed += 1
@@ -265,12 +242,8 @@ class IngressMesh:
             for listener in self._listeners.values():
                 listener.close()
             self._listeners.clear()
-            conns = list(self._conns)
-            tasks = [c.task for c in conns if c.task is not None]
-            for conn in conns:
+            for conn in list(self._conns):
                 conn.abort()
-            # Wait for cancelled connect tasks, then give connection_lost
-            # callbacks a loop turn, so nothing is left pending when the
-            # caller closes the event loop.
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.sleep(0)
+            if self._reactor is not None:
+                self._reactor.close()
+                self._reactor = None

@@ -1,23 +1,26 @@
-"""TCP forwarding for the routing mesh, built on asyncio Protocols.
+"""TCP forwarding for the routing mesh: raw non-blocking sockets on a :class:`Reactor`.
 
-How this works: a listener accepts a client connection and creates a
-:class:`ClientSide` protocol. It keeps reading while it connects (the first bytes,
-usually a request, are held; past ``EARLY_LIMIT`` it pauses, so the rest stays in
-the kernel, not in our memory) and starts a small task that connects to a backend
-chosen by the :class:`Route` (round-robin over the current list, each backend
-tried at most once, each attempt bounded by a timeout, backends that recently
-failed to connect skipped while ejected — see :class:`Route`). When the upstream
-connects, an :class:`UpstreamSide` protocol is wired to the client side, any
-early bytes/EOF are forwarded, and the client is resumed if it was paused. From
-then on no coroutine is involved: each side's ``data_received`` writes straight
-into the other side's transport, ``pause_writing``/``resume_writing`` on one side
-pause/resume reading on the other (back-pressure without our own buffers), and
-``eof_received`` forwards a half-close with ``write_eof``. The pair is closed
-when both directions have seen EOF, or when either transport is lost.
+How this works: a :class:`TcpListener` accepts a client connection and makes it a
+:class:`Connection`, which connects to a backend chosen by the :class:`Route`
+(round-robin over the current list, or the port's balancer; each backend tried at
+most once, each attempt bounded by a timer, backends that recently failed to connect
+skipped while ejected — see :class:`Route`). The client is not read while that
+happens: its first bytes wait in the kernel. To a task on this node the connect is
+done before ``connect()`` returns, and the client's request is read and forwarded
+at once, without waiting for an event. From then on each readiness event reads
+one side and sends to the other; what a socket does not take waits, and reading
+its source stops until it drains (back-pressure, at most one read held per
+direction). A side's EOF is passed on as a half-close; the connection closes when
+both sides are done, or at once on an error on either.
 
-Bulk: once a read of at least ``splice.BULK_READ`` bytes shows one side sending faster than we
-forward, and nothing is buffered in either transport, the pair leaves the transports and is
-forwarded with ``splice(2)`` in the kernel from then on (:mod:`corral.dataplane.splice`; Linux
+Why not asyncio transports and protocols: for short connections their machinery
+cost more than the work (two transport objects, a task and a future per upstream
+connect, and extra system calls per connection); the mesh handled about half the
+new connections per CPU second that it does now. See :mod:`corral.dataplane.reactor`.
+
+Bulk: once a read fills the whole buffer (``splice.BULK_READ``), so one side sends
+faster than we forward, and nothing is pending either way, the pair is forwarded
+with ``splice(2)`` in the kernel from then on (:mod:`corral.dataplane.splice`; Linux
 only; ``CORRAL_MESH_SPLICE=0`` turns it off).
 
 Works unchanged on the stock asyncio loop and on uvloop.
@@ -28,27 +31,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from corral.dataplane import splice
 from corral.dataplane.proxyproto import encode_v1, encode_v2
+from corral.dataplane.reactor import ERR, HUP, IN, OUT, RDHUP, Reactor
 
 if TYPE_CHECKING:
     from corral.dataplane.balance import Balancer
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "Backend",
     "BackendHealth",
-    "ClientSide",
+    "Connection",
     "PortStats",
     "PublishedPort",
     "Route",
-    "UpstreamSide",
+    "TcpListener",
+    "listen",
+    "open_upstream",
 ]
 
 
@@ -107,13 +116,13 @@ class Route:
     __slots__ = (
         "backends", "connect_timeout", "stats", "registry", "source_addr",
         "health", "eject_base", "eject_max", "clock", "_keys", "_keyset", "_rr", "balancer",
-        "proxy_protocol", "loop",
+        "proxy_protocol",
     )
 
     def __init__(
         self,
         stats: PortStats,
-        registry: set[ClientSide],
+        registry: set[Connection],
         connect_timeout: float,
         source_addr: str | None = None,
         *,
@@ -126,8 +135,6 @@ class Route:
         # one), so a task sees which node's mesh the connection came through — as a Swarm
         # task sees the ingress endpoint's address.
         self.source_addr = source_addr
-        # The loop of the first connection (asyncio.get_running_loop() costs a getpid()).
-        self.loop: asyncio.AbstractEventLoop | None = None
         # A tuple, replaced wholesale by set_backends(): readers never see a
         # half-updated list, and no lock is needed on a single-threaded loop.
         self.backends: tuple[Backend, ...] = ()
@@ -271,22 +278,11 @@ class Route:
             if (h := health.get(k)) is not None and h.ejected_until > now
         }
 
-    def make_client(self) -> ClientSide:
-        """Protocol factory for the listener."""
-        return ClientSide(self)
-
-
-def set_keepalive(transport: asyncio.BaseTransport) -> None:
-    """TCP keepalive towards a backend: a vanished task is noticed on an idle connection.
-    (The mesh sets it from its periodic sweep, not per connection: only long-lived
-    connections need it.)"""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        keepalive(sock)
-
 
 def keepalive(sock: socket.socket) -> None:
-    """Probe after 60 s of silence, every 10 s, give up after 6 unanswered probes."""
+    """TCP keepalive towards a backend, so a vanished task is noticed on an idle connection:
+    probe after 60 s of silence, every 10 s, give up after 6 unanswered probes. (The mesh sets
+    it from its periodic sweep, not per connection: only long-lived connections need it.)"""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
@@ -299,17 +295,28 @@ def keepalive(sock: socket.socket) -> None:
 # Splice the bulk phase of connections (Linux), unless turned off for comparison.
 SPLICE = splice.available() and os.environ.get("CORRAL_MESH_SPLICE", "1") != "0"
 BULK_READ = splice.BULK_READ
-# Bytes a client may send before its upstream connection exists; then reading pauses.
-EARLY_LIMIT = 64 * 1024
+# Connections accepted per readiness event of a listener (more wait for the next loop turn).
+ACCEPT_BATCH = 64
+# After running out of descriptors or memory, a listener rests this long before accepting again
+# (the pending connections wait in the kernel's queue instead of spinning the loop).
+ACCEPT_PAUSE = 0.5
 
-
-# Linux: bind() picks only the address, connect() the port, per destination (see connect_from).
+# Linux: bind() picks only the address, connect() the port, per destination (see open_upstream).
 _BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+# Connection states.
+CONNECTING, OPEN, SPLICED, CLOSED = range(4)
+# Interest of a descriptor that is not in the reactor's set (not yet added, or parked).
+_UNWATCHED = 1 << 30
+_READ = IN | RDHUP  # RDHUP: learn of the peer's FIN with the data before it
+_FIN = RDHUP | HUP
 
 
-async def connect_from(loop: asyncio.AbstractEventLoop, source: str,
-                       backend: Backend) -> socket.socket:
-    """A TCP socket connected to `backend` from address `source`.
+def open_upstream(source: str | None, backend: Backend) -> tuple[socket.socket, bool]:
+    """A non-blocking socket connecting to `backend` (from address `source`, if given), and
+    whether the handshake is done already (always, to a task on this node). Raises OSError
+    when the connect fails at once.
 
     Binding the address alone (IP_BIND_ADDRESS_NO_PORT, as HAProxy does) leaves the port to
     connect(), which picks one free for this very destination. A plain bind(source, 0) picks a
@@ -318,42 +325,25 @@ async def connect_from(loop: asyncio.AbstractEventLoop, source: str,
     connections fell from ~4,000/s to under 1,000/s here) and caps the whole node at one
     connection per local port.
     """
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    family = socket.AF_INET6 if ":" in backend.addr else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    fd = sock.fileno()
-    watching = False
     try:
         sock.setblocking(False)
-        if _BIND_ADDRESS_NO_PORT is not None:
-            with contextlib.suppress(OSError):  # kernels before 4.2: a plain bind, as before
-                sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((source, 0))
-        # Not loop.sock_connect(): it resolves the (numeric) address in a thread first.
+        sock.setsockopt(*_NODELAY)
+        if source is not None:
+            if _BIND_ADDRESS_NO_PORT is not None:
+                with contextlib.suppress(OSError):  # kernels before 4.2: a plain bind
+                    sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
         err = sock.connect_ex((backend.addr, backend.port))
-        if err == errno.EINPROGRESS and _established(sock):
-            err = 0  # the handshake is done already (always, to a task on this node)
-        if err == errno.EINPROGRESS:
-            writable = loop.create_future()
-            loop.add_writer(fd, _wake, writable)
-            watching = True
-            await writable
-            loop.remove_writer(fd)
-            watching = False
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        if err == 0:
+            return sock, True
+        if err != errno.EINPROGRESS:
             raise OSError(err, f"connect to {backend.addr}:{backend.port}: {os.strerror(err)}")
+        return sock, _established(sock)
     except BaseException:
-        if watching:
-            loop.remove_writer(fd)
         sock.close()
         raise
-    return sock
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    """The socket is writable: wake the connect, unless it was cancelled meanwhile."""
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _established(sock: socket.socket) -> bool:
@@ -365,376 +355,455 @@ def _established(sock: socket.socket) -> bool:
     return True
 
 
-def _dup_socket(transport: asyncio.Transport) -> socket.socket | None:
-    """A non-blocking duplicate of the transport's socket (it outlives the transport)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    dup = socket.socket(fileno=os.dup(sock.fileno()))
-    dup.setblocking(False)
-    return dup
-
-
-def _write_eof(transport: asyncio.Transport) -> None:
-    """Half-close ``transport`` if it is still usable."""
-    if transport.is_closing():
-        return
-    try:
-        transport.write_eof()
-    except (OSError, RuntimeError):  # pragma: no cover - raced with a close
-        pass
-
-
-class _Side(asyncio.Protocol):
-    """One endpoint of a proxied TCP connection; forwards everything to its peer."""
-
-    __slots__ = ("transport", "peer", "out", "eof", "lost", "blocked", "busy", "spliced")
-
-    def __init__(self) -> None:
-        """Start unconnected."""
-        # Set on every read, cleared by the mesh's idle sweep: one store on the hot path
-        # instead of a clock read or a timer per connection.
-        self.busy = True
-        self.transport: asyncio.Transport | None = None
-        self.peer: _Side | None = None
-        # The peer's transport, cached so the hot path is one attribute load.
-        self.out: asyncio.Transport | None = None
-        self.eof = False  # this side sent us EOF: no more data from it
-        self.lost = False  # this side's transport is gone
-        self.blocked = False  # our send buffer is above the high-water mark
-        self.spliced = False  # the pair moved to splice: our transport is gone, not the socket
-
-    def data_received(self, data: bytes) -> None:
-        """Forward bytes as-is; the peer's transport buffers and signals pressure."""
-        self.busy = True
-        out = self.out
-        if out is None:
-            self._hold(data)
-            return
-        try:
-            out.write(data)
-        except RuntimeError:
-            # uvloop raises when the peer's handle is already closed but its
-            # connection_lost() has not run yet; it will close us next.
-            return
-        if len(data) >= BULK_READ and SPLICE:
-            self._to_splice()
-
-    def _ends(self) -> tuple[ClientSide, UpstreamSide] | None:
-        """(client side, upstream side) of a wired pair."""
-        raise NotImplementedError
-
-    def _to_splice(self) -> None:
-        """Bulk traffic: hand both sockets to a SplicedPair when nothing is buffered here."""
-        ends = self._ends()
-        if ends is None:
-            return
-        client, upstream = ends
-        ct, ut = client.transport, upstream.transport
-        if (ct is None or ut is None or client.task is not None
-                or client.eof or upstream.eof or client.lost or upstream.lost
-                or client.blocked or upstream.blocked
-                or ct.get_write_buffer_size() or ut.get_write_buffer_size()):
-            return  # not now: maybe at the next large read
-        a = _dup_socket(ct)
-        b = _dup_socket(ut)
-        if a is None or b is None:  # pragma: no cover - transports without sockets
-            for sock in (a, b):
-                if sock is not None:
-                    sock.close()
-            return
-        client.spliced = upstream.spliced = True
-        # The sweep must not touch the dead transport (keepalive is set here, once).
-        upstream.transport = None
-        ct.abort()  # closes only the transports' descriptors: the duplicates keep the sockets
-        ut.abort()
-        keepalive(b)
-        client.pair = splice.SplicedPair(asyncio.get_running_loop(), a, b,
-                                         client.mark_busy, client.finish)
-
-    def _hold(self, data: bytes) -> None:
-        """Handle data that arrives before the pair is wired (dropped by default)."""
-
-    def eof_received(self) -> bool:
-        """Forward the half-close and keep the other direction flowing."""
-        if self.eof:
-            # uvloop re-reports EOF if reading is resumed after it; ignore.
-            return True
-        self.eof = True
-        peer, out = self.peer, self.out
-        if peer is None or out is None:
-            # Client side still connecting upstream: forwarded once wired.
-            return True
-        if peer.lost:
-            return False
-        if peer.eof:
-            # Both directions are done: close both (close() flushes buffers).
-            out.close()
-            return False
-        _write_eof(out)
-        # True keeps our transport open so we can still write the peer's data.
-        return True
-
-    def pause_writing(self) -> None:
-        """Our send buffer is full: stop reading from the peer."""
-        self.blocked = True
-        self._set_peer_reading(False)
-
-    def resume_writing(self) -> None:
-        """Our send buffer drained: read from the peer again."""
-        self.blocked = False
-        self._set_peer_reading(True)
-
-    def _set_peer_reading(self, on: bool) -> None:
-        """Pause/resume the peer's reads, unless it already sent EOF."""
-        peer, out = self.peer, self.out
-        # After EOF a transport has dropped its reader; resuming it would make
-        # the loop re-read the EOF (both asyncio and uvloop do).
-        if peer is None or out is None or peer.lost or peer.eof:
-            return
-        if on:
-            out.resume_reading()
-        else:
-            out.pause_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Tear down the peer: gracefully on a clean close, abortively on error."""
-        if self.spliced:  # our transport was retired for splice: the pair lives on
-            return
-        self.lost = True
-        peer, out = self.peer, self.out
-        if peer is not None and out is not None and not peer.lost:
-            if exc is None:
-                out.close()
-            else:
-                out.abort()
-
-
-def proxy_header(version: int, client: asyncio.Transport) -> bytes:
-    """The PROXY protocol header describing `client`'s connection (source = the client)."""
-    src = client.get_extra_info("peername")
-    dst = client.get_extra_info("sockname")
-    s, d = (src[0], src[1]), (dst[0], dst[1])
+def proxy_header(version: int, client: tuple[Any, ...], local: tuple[Any, ...]) -> bytes:
+    """The PROXY protocol header of a connection from `client` to our `local` address."""
+    s, d = (client[0], client[1]), (local[0], local[1])
     return encode_v1(s, d) if version == 1 else encode_v2(s, d)
 
 
-class UpstreamSide(_Side):
-    """The backend end of a proxied connection."""
+class Connection:
+    """One proxied TCP connection: the accepted client socket and its upstream socket.
 
-    __slots__ = ("client",)
+    Invariant that keeps memory bounded and makes EOF handling simple: a side is read only
+    while nothing waits to be sent to the other side (``cbuf``: bytes owed to the client,
+    ``ubuf``: to the upstream), so a connection holds at most one read per direction, and
+    when a side's EOF is read its destination has nothing pending and can be half-closed.
+    """
 
-    def __init__(self, client: ClientSide) -> None:
-        """Remember which client this upstream connection serves."""
-        super().__init__()
-        self.client = client
+    __slots__ = ("route", "reactor", "client", "cfd", "peer", "upstream", "ufd", "state",
+                 "tried", "backend", "counted", "timer", "cbuf", "ubuf", "ceof", "ueof",
+                 "cmask", "umask", "busy", "pair")
 
-    def _ends(self) -> tuple[ClientSide, UpstreamSide] | None:
-        return self.client, self
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Wire both sides together as soon as the upstream socket exists."""
-        # cast, not isinstance: uvloop's transports do not subclass asyncio's.
-        # TCP_NODELAY is already set: asyncio and uvloop set it on every TCP transport.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        client = self.client
-        if client.lost or client.transport is None:
-            # The client went away while we were connecting.
-            transport.abort()
-            return
-        # Wire here, not after create_connection() returns: the backend may
-        # send data before the connecting task gets to run again.
-        self.peer, self.out = client, client.transport
-        client.peer, client.out = self, transport
-        version = client.route.proxy_protocol
-        if version:
-            # The task learns the real client address from a PROXY protocol header, sent
-            # before any of the client's bytes.
-            transport.write(proxy_header(version, client.transport))
-        early = client.early
-        if early is not None:
-            client.early = None
-            transport.write(early)
-        if client.eof:
-            transport.write_eof()
-
-
-class ClientSide(_Side):
-    """The accepted (client) end of a proxied connection."""
-
-    __slots__ = ("route", "task", "early", "held", "backend", "pair", "timed_out")
-
-    def __init__(self, route: Route) -> None:
-        """Bind to the route of the published port that accepted us."""
-        super().__init__()
+    def __init__(self, route: Route, reactor: Reactor, client: socket.socket,
+                 peer: tuple[Any, ...]) -> None:
+        """Take an accepted, non-blocking client socket; :meth:`start` begins connecting."""
         self.route = route
-        self.task: asyncio.Task[None] | None = None
-        # The backend we connected to, kept only when a balancer counts connections.
-        self.backend: Backend | None = None
-        # Bytes read before the upstream exists (see _hold), and whether they paused reading.
-        self.early: bytes | None = None
-        self.held = False
-        # Set when the pair moved to splice (bulk): it owns both sockets from then on.
-        self.pair: splice.SplicedPair | None = None
-        self.timed_out = False  # the connect timer fired (it cancels the connecting task)
-
-    def _ends(self) -> tuple[ClientSide, UpstreamSide] | None:
-        peer = self.peer
-        return (self, peer) if isinstance(peer, UpstreamSide) else None
-
-    def mark_busy(self) -> None:
-        """Activity on a spliced pair (for the idle sweep)."""
+        self.reactor = reactor
+        self.client = client
+        self.cfd = client.fileno()
+        self.peer = peer  # the client's address, as accept() returned it
+        self.upstream: socket.socket | None = None
+        self.ufd = -1
+        self.state = CONNECTING
+        self.tried: list[Backend] = []
+        self.backend: Backend | None = None  # the one being connected to, or connected
+        self.counted: Balancer | None = None  # the balancer told of this connection
+        self.timer: asyncio.TimerHandle | None = None  # the running connect attempt's limit
+        self.cbuf: bytes | None = None
+        self.ubuf: bytes | None = None
+        self.ceof = False  # the client sent EOF
+        self.ueof = False  # the upstream sent EOF
+        self.cmask = _UNWATCHED  # what each descriptor is watched for
+        self.umask = _UNWATCHED
+        # Set on every read, cleared by the mesh's idle sweep: one store on the hot path
+        # instead of a clock read or a timer per connection.
         self.busy = True
+        self.pair: splice.SplicedPair | None = None  # the bulk phase (see _to_splice)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Count the connection and start connecting upstream (early bytes: see _hold)."""
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        # Reading goes on while we connect: the first bytes (a request, usually) are held
-        # until the upstream exists, and reading pauses only if more than EARLY_LIMIT
-        # arrive. Pausing at once and resuming later cost two epoll updates per connection.
+    # -- connecting
+
+    def start(self) -> None:
+        """Count the connection and connect upstream.
+
+        The client is not read until the upstream exists: its first bytes wait in the
+        kernel, which costs us nothing however many arrive. It is watched meanwhile for
+        errors only, so a client that resets is let go at once.
+        """
         route = self.route
         stats = route.stats
         stats.total += 1
         stats.active += 1
         route.registry.add(self)
-        if not route.backends:
-            # Nothing to forward to: behave like a refused backend.
-            stats.rejected += 1
-            transport.abort()
-            return
-        loop = route.loop
-        if loop is None:
-            loop = route.loop = asyncio.get_running_loop()
-        self.task = loop.create_task(self._connect(loop))
+        self._watch(True, 0)
+        self._connect_next()
 
-    def _hold(self, data: bytes) -> None:
-        """Keep early bytes for the upstream; stop reading if they pile up before it exists."""
-        early = self.early
-        early = self.early = data if early is None else early + data
-        if len(early) >= EARLY_LIMIT and not self.held and self.transport is not None:
-            self.held = True
-            self.transport.pause_reading()
-
-    def _upstream(self) -> UpstreamSide:
-        return UpstreamSide(self)
-
-    def _connect_timeout(self) -> None:
-        """The connect timer: stop this attempt (the task moves on to the next backend)."""
-        task = self.task
-        if task is not None:
-            self.timed_out = True
-            task.cancel()
-
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Try backends round-robin, each at most once, then give up."""
+    def _connect_next(self) -> None:
+        """Try the next backend (round-robin or the port's balancer), each at most once."""
         route = self.route
-        tried: list[Backend] = []
-        client = ""
-        if route.balancer is not None and self.transport is not None:
-            peer = self.transport.get_extra_info("peername")
-            client = peer[0] if peer else ""
-        try:
-            while not self.lost:
-                backend = route.pick(tried, client)
-                if backend is None:
-                    break
-                tried.append(backend)
-                # A plain timer that cancels the task: cheaper than asyncio.timeout().
-                timer = loop.call_later(route.connect_timeout, self._connect_timeout)
-                try:
-                    if route.source_addr is None:
-                        await loop.create_connection(self._upstream, backend.addr, backend.port)
-                    else:
-                        sock = await connect_from(loop, route.source_addr, backend)
-                        await loop.create_connection(self._upstream, sock=sock)
-                    failed = False
-                except OSError:
-                    failed = True
-                except asyncio.CancelledError:
-                    if not self.timed_out:
-                        raise  # cancelled by the mesh (close, client gone)
-                    self.timed_out = False
-                    # Only our timer's cancel is absorbed: if the mesh cancelled too (close,
-                    # client gone) in the same turn, a cancel request remains — honour it.
-                    if self.task is not None and self.task.uncancel() > 0:
-                        raise
-                    failed = True
-                finally:
-                    timer.cancel()
-                if failed:
-                    route.stats.failed_connects += 1
-                    route.record_failure(backend)
-                    if self.peer is not None:
-                        # Timed out after the upstream was wired: that socket
-                        # is being closed and takes the client with it.
-                        return
-                    continue
-                if route.health:  # only when some backend failed recently
-                    route.record_success(backend)
-                if route.balancer is not None:
-                    route.balancer.opened(backend)
-                    self.backend = backend
-                peer = self.peer
-                # Reading was paused only if early bytes piled up: resume it, unless the
-                # client already sent EOF or the backend is already back-pressuring.
-                if (
-                    self.held
-                    and self.transport is not None
-                    and not self.lost
-                    and not self.eof
-                    and peer is not None
-                    and not peer.blocked
-                ):
-                    self.held = False
-                    self.transport.resume_reading()
+        while self.state == CONNECTING:
+            backend = route.pick(self.tried, self.peer[0] if route.balancer is not None else "")
+            if backend is None:
+                route.stats.rejected += 1
+                self.abort()
                 return
-            route.stats.rejected += 1
-            if self.transport is not None and not self.lost:
-                self.transport.abort()
-        finally:
-            self.task = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Update stats, drop from the registry and stop a pending connect."""
-        if self.lost or self.spliced:
+            self.tried.append(backend)
+            self.backend = backend
+            try:
+                sock, done = open_upstream(route.source_addr, backend)
+            except OSError:
+                self._failed()
+                continue
+            self.upstream = sock
+            self.ufd = sock.fileno()
+            if done:
+                self._connected()
+                return
+            self._watch(False, OUT)
+            self.timer = self.reactor.loop.call_later(route.connect_timeout, self._timed_out)
             return
-        super().connection_lost(exc)
+
+    def _connecting_event(self) -> None:
+        """The upstream socket is writable or failed: the handshake is over, one way or the
+        other (or the event is stale: the socket is still connecting)."""
+        sock = self.upstream
+        assert sock is not None
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self._drop_upstream()
+            self._failed()
+            self._connect_next()
+        elif _established(sock):
+            self._connected()
+
+    def _timed_out(self) -> None:
+        """The connect attempt took too long: the next backend."""
+        self.timer = None
+        if self.state == CONNECTING:
+            self._drop_upstream()
+            self._failed()
+            self._connect_next()
+
+    def _failed(self) -> None:
+        """A connect to ``self.backend`` failed: count it and eject the backend for a while."""
+        backend = self.backend
+        assert backend is not None
+        self.route.stats.failed_connects += 1
+        self.route.record_failure(backend)
+
+    def _connected(self) -> None:
+        """Upstream connected: start forwarding, first what the client already sent."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        route = self.route
+        backend = self.backend
+        assert backend is not None
+        if route.health:  # only when some backend failed recently
+            route.record_success(backend)
+        balancer = route.balancer
+        if balancer is not None:
+            balancer.opened(backend)
+            self.counted = balancer
+        self.state = OPEN
+        version = route.proxy_protocol
+        if version:
+            # The task learns the real client address from a PROXY protocol header, sent
+            # before any of the client's bytes.
+            header = proxy_header(version, self.peer, self.client.getsockname())
+            if not self._send(False, header):
+                return  # parked until the upstream drains (or aborted)
+        self._arm()
+        self._pump(True, 0)  # the request is usually there already: no wait for an event
+
+    # -- forwarding
+
+    def _client_event(self, events: int) -> None:
+        """The client socket is ready: nearly always, data to forward (tested first)."""
+        if self.cmask == _READ and not events & (ERR | HUP):
+            self._pump(True, events & RDHUP)
+        else:
+            self._event(True, events)
+
+    def _upstream_event(self, events: int) -> None:
+        """The upstream socket is ready: data to forward, or the connect is over."""
+        if self.umask == _READ and not events & (ERR | HUP):
+            self._pump(False, events & RDHUP)
+        elif self.state == CONNECTING:
+            self._connecting_event()
+        else:
+            self._event(False, events)
+
+    def _event(self, client: bool, events: int) -> None:
+        """Everything but plain reading: errors, hang-ups, room to send again."""
+        if events & ERR:  # reset, or any socket error: nothing more can be forwarded
+            self.abort()
+            return
+        state = self.state
+        if state != OPEN:
+            if events & HUP and state == CONNECTING:
+                self.abort()  # the client is gone before we got an upstream
+            return
+        if events & OUT and (self.cbuf if client else self.ubuf) is not None:
+            self._flush(client)
+            if self.state != OPEN:
+                return
+        if (self.cmask if client else self.umask) & IN:
+            self._pump(client, events & _FIN)
+        elif events & HUP:
+            self._park(client)
+
+    def _pump(self, from_client: bool, fin: int) -> None:
+        """Forward what one side has to the other; ``fin``: its FIN is behind the data, so read
+        on to the EOF now rather than wait for another event."""
+        upstream = self.upstream
+        assert upstream is not None
+        src, dst = (self.client, upstream) if from_client else (upstream, self.client)
+        view = self.reactor.buffer  # one read at a time, so one buffer for all connections
+        while True:
+            try:
+                n = src.recv_into(view)
+            except BlockingIOError:  # a stale event
+                return
+            except OSError:
+                self.abort()
+                return
+            if n == 0:
+                self._eof(from_client)
+                return
+            self.busy = True
+            try:
+                sent = dst.send(view[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            if sent != n:
+                self._hold(not from_client, bytes(view[sent:n]))
+                return
+            if n >= BULK_READ:
+                if SPLICE:
+                    self._to_splice()
+                return
+            if not fin:
+                return
+
+    def _send(self, to_client: bool, data: bytes) -> bool:
+        """Send `data`; what the socket does not take waits (see _hold)."""
+        sock = self.client if to_client else self.upstream
+        assert sock is not None
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return False
+        if sent == len(data):
+            return True
+        self._hold(to_client, data[sent:])
+        return False
+
+    def _hold(self, to_client: bool, rest: bytes) -> None:
+        """Keep what a socket did not take, and stop reading its source until it drains."""
+        if to_client:
+            self.cbuf = rest
+        else:
+            self.ubuf = rest
+        self._arm()
+
+    def _flush(self, to_client: bool) -> None:
+        """The socket has room again: send what waited, and read its source again."""
+        if to_client:
+            data, self.cbuf = self.cbuf, None
+        else:
+            data, self.ubuf = self.ubuf, None
+        if data is not None and self._send(to_client, data):
+            self._arm()
+
+    def _eof(self, from_client: bool) -> None:
+        """One side is done sending: pass the half-close on, or close when both are done."""
+        if from_client:
+            self.ceof = True
+            dst = self.upstream
+        else:
+            self.ueof = True
+            dst = self.client
+        if self.ceof and self.ueof:
+            self.abort()  # nothing is pending (see the class docstring): a clean close
+            return
+        assert dst is not None
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.abort()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        """Watch each socket for what the connection needs from it now."""
+        want = (0 if self.ceof or self.ubuf is not None else _READ) | (
+            0 if self.cbuf is None else OUT)
+        if want != self.cmask:
+            self._watch(True, want)
+        want = (0 if self.ueof or self.cbuf is not None else _READ) | (
+            0 if self.ubuf is None else OUT)
+        if want != self.umask:
+            self._watch(False, want)
+
+    def _watch(self, client: bool, events: int) -> None:
+        """Set one descriptor's interest, adding it to the reactor's set if it is not there."""
+        if client:
+            fd, was, handler = self.cfd, self.cmask, self._client_event
+            self.cmask = events
+        else:
+            fd, was, handler = self.ufd, self.umask, self._upstream_event
+            self.umask = events
+        if was == _UNWATCHED:
+            self.reactor.register(fd, events, handler)
+        else:
+            self.reactor.modify(fd, events)
+
+    def _park(self, client: bool) -> None:
+        """Take a socket that is not being read out of the set until it is wanted again.
+
+        Hang-ups are reported whatever the interest: a side that hung up while we wait for
+        the other side to drain would otherwise wake the loop over and over.
+        """
+        if client:
+            self.reactor.unregister(self.cfd)
+            self.cmask = _UNWATCHED
+        else:
+            self.reactor.unregister(self.ufd)
+            self.umask = _UNWATCHED
+
+    def _to_splice(self) -> None:
+        """Bulk traffic: hand both sockets to a SplicedPair, unless something is pending."""
+        upstream = self.upstream
+        if (self.state != OPEN or upstream is None or self.ceof or self.ueof
+                or self.cbuf is not None or self.ubuf is not None):
+            return  # not now: maybe at the next large read
+        for fd, mask in ((self.cfd, self.cmask), (self.ufd, self.umask)):
+            if mask != _UNWATCHED:
+                self.reactor.unregister(fd)
+        self.cmask = self.umask = _UNWATCHED
+        self.state = SPLICED
+        keepalive(upstream)  # the sweep no longer sees this upstream socket
+        self.pair = splice.SplicedPair(self.reactor.loop, self.client, upstream,
+                                       self.mark_busy, self.finish)
+
+    def mark_busy(self) -> None:
+        """Activity on a spliced pair (for the idle sweep)."""
+        self.busy = True
+
+    # -- the end
+
+    def _drop_upstream(self) -> None:
+        """Close the upstream socket (a failed attempt, or the end)."""
+        sock = self.upstream
+        if sock is None:
+            return
+        self.upstream = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.umask != _UNWATCHED:
+            self.reactor.forget(self.ufd)
+        self.umask = _UNWATCHED
+        sock.close()
+
+    def abort(self) -> None:
+        """Close both sockets now: the end of a finished connection, an error on either
+        side, an idle timeout or the mesh's shutdown (idempotent)."""
+        state = self.state
+        if state == CLOSED:
+            return
+        if state == SPLICED and self.pair is not None:
+            self.pair.close()  # closes both sockets and calls finish()
+            return
+        self._drop_upstream()
+        if self.cmask != _UNWATCHED:
+            self.reactor.forget(self.cfd)
+        self.cmask = _UNWATCHED
+        self.client.close()
         self.finish()
 
     def finish(self) -> None:
-        """The connection is over (both transports, or the spliced pair, closed)."""
-        self.lost = True
-        self.early = None
-        # Break the client <-> upstream cycle: both are freed now, not by the cyclic GC.
-        peer = self.peer
-        if peer is not None:
-            peer.peer = peer.out = None
-            self.peer = self.out = None
+        """The connection is over (its sockets, or its spliced pair's, are closed)."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.cbuf = self.ubuf = None
         self.pair = None  # a spliced pair has let go of us (splice.SplicedPair.close)
         route = self.route
         route.stats.active -= 1
         route.registry.discard(self)
-        if self.backend is not None and route.balancer is not None:
-            route.balancer.closed(self.backend)
-            self.backend = None
-        task = self.task
-        if task is not None:
-            task.cancel()
+        counted = self.counted
+        if counted is not None:
+            self.counted = None
+            assert self.backend is not None
+            counted.closed(self.backend)
 
-    def abort(self) -> None:
-        """Drop both ends immediately (used at mesh shutdown)."""
-        if self.pair is not None:
-            self.pair.close()
+
+class TcpListener:
+    """A bound TCP listener: every accepted connection becomes a :class:`Connection`."""
+
+    __slots__ = ("route", "reactor", "socks", "closed")
+
+    def __init__(self, reactor: Reactor, socks: Sequence[socket.socket], route: Route) -> None:
+        """Start accepting on `socks` (bound and listening) for `route`."""
+        self.route = route
+        self.reactor = reactor
+        self.socks = list(socks)
+        self.closed = False
+        for sock in self.socks:
+            sock.setblocking(False)
+            self._resume(sock)
+
+    def _resume(self, sock: socket.socket) -> None:
+        if not self.closed:
+            self.reactor.register(sock.fileno(), IN, lambda _events: self._accept(sock))
+
+    def _accept(self, lsock: socket.socket) -> None:
+        route, reactor = self.route, self.reactor
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the queue waits in the kernel meanwhile.
+                    log.warning("mesh: cannot accept on %s: %s; pausing %.1f s",
+                                lsock.getsockname(), exc.strerror, ACCEPT_PAUSE)
+                    reactor.unregister(lsock.fileno())
+                    reactor.loop.call_later(ACCEPT_PAUSE, self._resume, lsock)
+                    return
+                continue  # that client is gone already (ECONNABORTED and the like)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(*_NODELAY)
+            except OSError:
+                sock.close()
+                continue
+            Connection(route, reactor, sock, peer).start()
+
+    def close(self) -> None:
+        """Stop accepting and release the port; established connections live on."""
+        if self.closed:
             return
-        task = self.task
-        if task is not None:
-            task.cancel()
-        peer, out = self.peer, self.out
-        if peer is not None and out is not None and not peer.lost:
-            out.abort()
-        if self.transport is not None and not self.lost:
-            self.transport.abort()
+        self.closed = True
+        # No new connections, and no retries of in-flight connects either.
+        self.route.set_backends(())
+        for sock in self.socks:
+            self.reactor.forget(sock.fileno())
+            sock.close()
+
+
+async def listen(loop: asyncio.AbstractEventLoop, host: str | None, port: int, *,
+                 reuse_port: bool = False, backlog: int = 1024) -> list[socket.socket]:
+    """Listening sockets on every address `host` names ("" or None: all of them), as
+    ``loop.create_server`` binds them (IPv6 sockets are IPv6-only). Raises OSError."""
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                # Several mesh processes (--mesh-workers) share each port; the kernel spreads
+                # new connections over them.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def bind_error_message(exc: OSError) -> str:

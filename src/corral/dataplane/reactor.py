@@ -1,0 +1,136 @@
+"""Readiness for the mesh's TCP sockets: one private epoll set, itself watched by the event loop.
+
+Why not ``loop.add_reader`` per socket, or asyncio transports: a short proxied connection is a
+handful of events, and the per-connection machinery around them cost more than the events. With
+transports, each connection paid for two transport objects, a task and a future for the upstream
+connect, and uvloop's extra ``getsockname``/``getpeername``/``ioctl`` calls; uvloop's
+``add_reader`` on a raw descriptor costs about a dozen ``epoll_ctl`` calls per connection. Here a
+connection registers its two descriptors once, changes their interest only when back-pressure
+starts or stops, and the kernel drops them from the set when they are closed. The set's own
+descriptor is readable whenever one of its sockets is ready, so the event loop (stock asyncio
+or uvloop) wakes us with one callback per batch of events, and everything else on the loop —
+timers, the UDP mesh, the daemon — runs as before.
+
+Handlers must tolerate spurious events: a descriptor closed and reused within one batch may
+receive an event meant for its previous owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import select
+import selectors
+from collections.abc import Callable
+
+__all__ = ["ERR", "HUP", "IN", "OUT", "RDHUP", "Reactor"]
+
+# epoll's event bits (the same values are used with the portable fallback below).
+IN: int = getattr(select, "EPOLLIN", 0x001)
+OUT: int = getattr(select, "EPOLLOUT", 0x004)
+ERR: int = getattr(select, "EPOLLERR", 0x008)
+HUP: int = getattr(select, "EPOLLHUP", 0x010)
+RDHUP: int = getattr(select, "EPOLLRDHUP", 0x2000)  # the peer sent FIN (Linux)
+
+# The scratch buffer every read goes into: the most one read takes (bytes a connection holds
+# are copied out of it only when a socket does not take them at once).
+BUFFER_SIZE = 65536
+# Events handled per wake-up; more wait for the next loop turn, so timers and other
+# callbacks are never starved by a flood of connections.
+BATCH = 256
+
+Handler = Callable[[int], None]
+
+
+class _SelectorPoller:
+    """epoll's register/modify/unregister/poll over ``selectors`` (platforms without epoll)."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+
+    @staticmethod
+    def _mask(events: int) -> int:
+        return ((selectors.EVENT_READ if events & (IN | RDHUP) else 0)
+                | (selectors.EVENT_WRITE if events & OUT else 0))
+
+    def fileno(self) -> int:
+        # kqueue and epoll selectors have one; select() and poll() ones cannot be watched.
+        fileno = getattr(self._sel, "fileno", None)
+        if fileno is None:
+            raise OSError(errno.ENOSYS, "the mesh needs epoll or kqueue")
+        return int(fileno())
+
+    def register(self, fd: int, events: int) -> None:
+        # selectors cannot watch for errors alone: an error shows up as readable.
+        self._sel.register(fd, self._mask(events) or selectors.EVENT_READ)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._sel.modify(fd, self._mask(events) or selectors.EVENT_READ)
+
+    def unregister(self, fd: int) -> None:
+        self._sel.unregister(fd)
+
+    def poll(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
+        ready = self._sel.select(timeout)[:maxevents]
+        return [(key.fd, (IN if ev & selectors.EVENT_READ else 0)
+                 | (OUT if ev & selectors.EVENT_WRITE else 0)) for key, ev in ready]
+
+    def close(self) -> None:
+        self._sel.close()
+
+
+class Reactor:
+    """A private readiness set for sockets, driven by the running event loop.
+
+    ``register(fd, events, handler)``: call ``handler(events)`` whenever ``fd`` is ready;
+    ``modify`` changes the interest; ``forget`` drops the handler of a descriptor about to be
+    closed (closing removes it from the set); ``unregister`` removes one that stays open.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, portable: bool = False) -> None:
+        """Create the set and have ``loop`` watch it (``portable``: the selectors fallback)."""
+        self.loop = loop
+        epoll = getattr(select, "epoll", None)
+        self._poller = _SelectorPoller() if portable or epoll is None else epoll()
+        # Without epoll, closing a descriptor does not drop it from the set: forget() must.
+        self._auto_drop = not isinstance(self._poller, _SelectorPoller)
+        self._handlers: dict[int, Handler] = {}
+        self._closed = False
+        # Handlers run one at a time on the loop's thread, so they can share one buffer.
+        self.buffer = memoryview(bytearray(BUFFER_SIZE))
+        loop.add_reader(self._poller.fileno(), self._ready)
+
+    def register(self, fd: int, events: int, handler: Handler) -> None:
+        """Watch ``fd`` for ``events`` (errors and hang-ups are always reported)."""
+        self._poller.register(fd, events)
+        self._handlers[fd] = handler
+
+    def modify(self, fd: int, events: int) -> None:
+        """Change what ``fd`` is watched for."""
+        self._poller.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd``, which stays open (handed to someone else, or parked)."""
+        del self._handlers[fd]
+        self._poller.unregister(fd)
+
+    def forget(self, fd: int) -> None:
+        """``fd`` is about to be closed: drop its handler (the kernel drops it from the set)."""
+        if self._handlers.pop(fd, None) is not None and not self._auto_drop:
+            self._poller.unregister(fd)
+
+    def _ready(self) -> None:
+        handlers = self._handlers
+        for fd, events in self._poller.poll(0, BATCH):
+            handler = handlers.get(fd)
+            if handler is not None:
+                handler(events)
+
+    def close(self) -> None:
+        """Stop watching the set and close it (idempotent; sockets are their owners' to close)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self._poller.fileno())
+        self._handlers.clear()
+        self._poller.close()
