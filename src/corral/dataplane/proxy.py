@@ -28,6 +28,7 @@ Works unchanged on the stock asyncio loop and on uvloop.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
     from corral.dataplane.balance import Balancer
 
 log = logging.getLogger(__name__)
+
+# Proxied connections use the C-level socket type (socket.socket's base): the Python subclass
+# adds object set-up and enum conversions that cost a measurable share of a short connection.
+Sock = _socket.socket
 
 __all__ = [
     "Backend",
@@ -279,7 +284,7 @@ class Route:
         }
 
 
-def keepalive(sock: socket.socket) -> None:
+def keepalive(sock: Sock) -> None:
     """TCP keepalive towards a backend, so a vanished task is noticed on an idle connection:
     probe after 60 s of silence, every 10 s, give up after 6 unanswered probes. (The mesh sets
     it from its periodic sweep, not per connection: only long-lived connections need it.)"""
@@ -304,6 +309,8 @@ ACCEPT_PAUSE = 0.5
 # Linux: bind() picks only the address, connect() the port, per destination (see open_upstream).
 _BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+# Upstream sockets are born non-blocking where the platform allows (no ioctl afterwards).
+_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 
 # Connection states.
 CONNECTING, OPEN, SPLICED, CLOSED = range(4)
@@ -313,7 +320,7 @@ _READ = IN | RDHUP  # RDHUP: learn of the peer's FIN with the data before it
 _FIN = RDHUP | HUP
 
 
-def open_upstream(source: str | None, backend: Backend) -> tuple[socket.socket, bool]:
+def open_upstream(source: str | None, backend: Backend) -> tuple[Sock, bool]:
     """A non-blocking socket connecting to `backend` (from address `source`, if given), and
     whether the handshake is done already (always, to a task on this node). Raises OSError
     when the connect fails at once.
@@ -326,9 +333,10 @@ def open_upstream(source: str | None, backend: Backend) -> tuple[socket.socket, 
     connection per local port.
     """
     family = socket.AF_INET6 if ":" in backend.addr else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = Sock(family, socket.SOCK_STREAM | _NONBLOCK)
     try:
-        sock.setblocking(False)
+        if not _NONBLOCK:
+            sock.setblocking(False)
         sock.setsockopt(*_NODELAY)
         if source is not None:
             if _BIND_ADDRESS_NO_PORT is not None:
@@ -346,7 +354,7 @@ def open_upstream(source: str | None, backend: Backend) -> tuple[socket.socket, 
         raise
 
 
-def _established(sock: socket.socket) -> bool:
+def _established(sock: Sock) -> bool:
     """Whether a connecting socket is connected now (a peer address exists only then)."""
     try:
         sock.getpeername()
@@ -374,7 +382,7 @@ class Connection:
                  "tried", "backend", "counted", "timer", "cbuf", "ubuf", "ceof", "ueof",
                  "cmask", "umask", "busy", "pair")
 
-    def __init__(self, route: Route, reactor: Reactor, client: socket.socket,
+    def __init__(self, route: Route, reactor: Reactor, client: Sock,
                  peer: tuple[Any, ...]) -> None:
         """Take an accepted, non-blocking client socket; :meth:`start` begins connecting."""
         self.route = route
@@ -382,7 +390,7 @@ class Connection:
         self.client = client
         self.cfd = client.fileno()
         self.peer = peer  # the client's address, as accept() returned it
-        self.upstream: socket.socket | None = None
+        self.upstream: Sock | None = None
         self.ufd = -1
         self.state = CONNECTING
         self.tried: list[Backend] = []
@@ -406,15 +414,14 @@ class Connection:
         """Count the connection and connect upstream.
 
         The client is not read until the upstream exists: its first bytes wait in the
-        kernel, which costs us nothing however many arrive. It is watched meanwhile for
-        errors only, so a client that resets is let go at once.
+        kernel, which costs us nothing however many arrive. While a connect is pending it is
+        watched for errors only, so a client that resets is let go at once.
         """
         route = self.route
         stats = route.stats
         stats.total += 1
         stats.active += 1
         route.registry.add(self)
-        self._watch(True, 0)
         self._connect_next()
 
     def _connect_next(self) -> None:
@@ -438,6 +445,8 @@ class Connection:
             if done:
                 self._connected()
                 return
+            if self.cmask == _UNWATCHED:
+                self._watch(True, 0)
             self._watch(False, OUT)
             self.timer = self.reactor.loop.call_later(route.connect_timeout, self._timed_out)
             return
@@ -741,13 +750,16 @@ class TcpListener:
 
     def _resume(self, sock: socket.socket) -> None:
         if not self.closed:
-            self.reactor.register(sock.fileno(), IN, lambda _events: self._accept(sock))
+            family = int(sock.family)  # an int: the enum conversion costs more than the accept
+            self.reactor.register(sock.fileno(), IN, lambda _events: self._accept(sock, family))
 
-    def _accept(self, lsock: socket.socket) -> None:
+    def _accept(self, lsock: socket.socket, family: int) -> None:
         route, reactor = self.route, self.reactor
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = lsock.accept()
+                # The C-level accept: socket.accept() adds a Python-level socket object, enum
+                # conversions and a timeout check per connection, which cost as much again.
+                fd, peer = lsock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -759,6 +771,7 @@ class TcpListener:
                     reactor.loop.call_later(ACCEPT_PAUSE, self._resume, lsock)
                     return
                 continue  # that client is gone already (ECONNABORTED and the like)
+            sock = Sock(family, socket.SOCK_STREAM, 0, fd)
             try:
                 sock.setblocking(False)
                 sock.setsockopt(*_NODELAY)

@@ -21,6 +21,7 @@ cost no descriptors beyond their two sockets.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import fcntl
 import os
@@ -85,7 +86,7 @@ class _Flow:
 
     __slots__ = ("pair", "src", "dst", "pipe", "pending", "eof", "waiting")
 
-    def __init__(self, pair: SplicedPair, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, pair: SplicedPair, src: _socket.socket, dst: _socket.socket) -> None:
         self.pair = pair
         self.src = src.fileno()
         self.dst = dst.fileno()
@@ -165,7 +166,7 @@ class SplicedPair:
 
     __slots__ = ("loop", "a", "b", "ab", "ba", "closed", "on_read", "on_close")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket,
+    def __init__(self, loop: asyncio.AbstractEventLoop, a: _socket.socket, b: _socket.socket,
                  on_read: Callable[[], None], on_close: Callable[[], None]) -> None:
         """Take over sockets ``a`` (client) and ``b`` (upstream); both must be non-blocking and
         have nothing buffered on our side. ``on_read`` is called on each chunk moved (activity,
