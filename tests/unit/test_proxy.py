@@ -202,10 +202,11 @@ async def _greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 
 @contextlib.asynccontextmanager
-async def proxy(route: Route) -> AsyncIterator[int]:
-    """A listener on an ephemeral port forwarding through ``route``."""
+async def proxy(route: Route, *, portable: bool = False) -> AsyncIterator[int]:
+    """A listener on an ephemeral port forwarding through ``route`` (``portable``: on the
+    reactor's selectors fallback)."""
     loop = asyncio.get_running_loop()
-    reactor = Reactor(loop)
+    reactor = Reactor(loop, portable=portable)
     listener = TcpListener(reactor, await listen(loop, "127.0.0.1", 0), route)
     try:
         yield listener.socks[0].getsockname()[1]
@@ -310,7 +311,9 @@ def test_refused_backend_is_skipped_and_ejected(run: Callable[[Scenario], None])
     run(scenario)
 
 
-def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None]) -> None:
+@pytest.mark.parametrize("portable", [False, True], ids=["epoll", "selectors"])
+def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None],
+                                              portable: bool) -> None:
     async def scenario() -> None:
         # The client writes and half-closes before the upstream connect has
         # finished: the client side reads those bytes while it connects, so they
@@ -319,7 +322,7 @@ def test_early_data_and_eof_reach_the_backend(run: Callable[[Scenario], None]) -
         try:
             ok = Backend("127.0.0.1", good.sockets[0].getsockname()[1])
             route = make_route([ok])
-            async with proxy(route) as port:
+            async with proxy(route, portable=portable) as port:
                 for _ in range(5):
                     with socket.create_connection(("127.0.0.1", port)) as s:
                         s.sendall(b"early bytes")
@@ -413,5 +416,102 @@ def test_client_gone_while_connecting(run: Callable[[Scenario], None]) -> None:
         finally:
             filler.close()
             blackhole.close()
+
+    run(scenario)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a non-blocking socket has bytes to read (left unread)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+
+
+def test_a_reply_sent_before_a_reset_reaches_the_client(run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        # A backend that answers and closes without reading the whole request (an early 413,
+        # say): its kernel resets the connection, but the reply it sent first must arrive.
+        loop = asyncio.get_running_loop()
+        reply = b"HTTP/1.0 413 Too Large\r\n\r\n"
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        srv.setblocking(False)
+
+        async def rude() -> None:
+            conn, _ = await loop.sock_accept(srv)
+            with conn:
+                await until(lambda: _readable(conn), what="the request")
+                conn.sendall(reply)
+            # closed with the request unread: the kernel sends a reset after the reply
+
+        backend = loop.create_task(rude())
+        try:
+            route = make_route([Backend("127.0.0.1", srv.getsockname()[1])])
+            async with proxy(route) as port:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"POST / HTTP/1.0\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+                got = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := await r.read(4096):
+                        got += chunk
+                w.close()
+                assert got == reply
+                await backend
+                await until(lambda: route.stats.active == 0, what="both sides closed")
+        finally:
+            backend.cancel()
+            srv.close()
+
+    run(scenario)
+
+
+def test_a_local_error_rejects_without_blaming_the_backend(
+        run: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        good = await asyncio.start_server(_greeter, "127.0.0.1", 0)
+        try:
+            ok = Backend("127.0.0.1", good.sockets[0].getsockname()[1])
+            # A source address this host does not have (TEST-NET-1): bind() fails locally.
+            route = make_route([ok], source_addr="192.0.2.1")
+            async with proxy(route) as port:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                with contextlib.suppress(ConnectionResetError):
+                    assert await r.read() == b""
+                w.close()
+                assert route.stats.rejected == 1
+                assert route.stats.failed_connects == 0
+                assert route.ejected() == set()  # still in rotation: it did nothing wrong
+        finally:
+            good.close()
+
+    run(scenario)
+
+
+def test_listen_skips_an_address_family_the_host_lacks(
+        run: Callable[[Scenario], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        if socket.AF_INET6 not in {info[0] for info in infos}:
+            pytest.skip("this host offers no IPv6 wildcard address")
+        real = socket.socket
+
+        def no_ipv6(family: int = socket.AF_INET, *args: Any) -> socket.socket:
+            if family == socket.AF_INET6:  # as on a kernel booted with ipv6.disable=1
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            return real(family, *args)
+
+        monkeypatch.setattr(socket, "socket", no_ipv6)
+        try:
+            socks = await listen(loop, "", 0)
+        finally:
+            monkeypatch.undo()
+        try:
+            assert [s.family for s in socks] == [socket.AF_INET]
+        finally:
+            for sock in socks:
+                sock.close()
 
     run(scenario)

@@ -178,7 +178,12 @@ class IngressMesh:
         except OSError as exc:
             return bind_error_message(exc)
         if self._reactor is None:
-            self._reactor = Reactor(loop)
+            try:
+                self._reactor = Reactor(loop)
+            except OSError as exc:
+                for sock in socks:
+                    sock.close()
+                return bind_error_message(exc)
         self._listeners[pp] = TcpListener(self._reactor, socks, route)
         return None
 

@@ -312,6 +312,10 @@ _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # Upstream sockets are born non-blocking where the platform allows (no ioctl afterwards).
 _NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 
+# Errors of our own making when opening an upstream socket (see Connection._connect_next).
+_LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                           errno.EADDRNOTAVAIL})
+
 # Connection states.
 CONNECTING, OPEN, SPLICED, CLOSED = range(4)
 # Interest of a descriptor that is not in the reactor's set (not yet added, or parked).
@@ -437,7 +441,13 @@ class Connection:
             self.backend = backend
             try:
                 sock, done = open_upstream(route.source_addr, backend)
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _LOCAL_ERRORS:
+                    # Our own trouble (no descriptors, no memory, the source address gone):
+                    # not the backend's fault, so no ejection and no other backend to try.
+                    route.stats.rejected += 1
+                    self.abort()
+                    return
                 self._failed()
                 continue
             self.upstream = sock
@@ -523,10 +533,19 @@ class Connection:
 
     def _event(self, client: bool, events: int) -> None:
         """Everything but plain reading: errors, hang-ups, room to send again."""
-        if events & ERR:  # reset, or any socket error: nothing more can be forwarded
-            self.abort()
-            return
         state = self.state
+        if events & ERR:
+            if state == OPEN and not (self.ceof if client else self.ueof):
+                # A reset (say, a backend that answered and closed without reading the whole
+                # request): what it sent before the reset is still readable and goes on first;
+                # the read after it fails and closes both sides.
+                if (self.ubuf if client else self.cbuf) is None:
+                    self._pump(client, ERR)
+                else:
+                    self._park(client)  # read once the other side has drained
+                return
+            self.abort()  # nothing more can be forwarded
+            return
         if state != OPEN:
             if events & HUP and state == CONNECTING:
                 self.abort()  # the client is gone before we got an upstream
@@ -630,27 +649,30 @@ class Connection:
 
     def _arm(self) -> None:
         """Watch each socket for what the connection needs from it now."""
+        # A parked socket (out of the set) stays out until something is wanted of it.
         want = (0 if self.ceof or self.ubuf is not None else _READ) | (
             0 if self.cbuf is None else OUT)
-        if want != self.cmask:
+        if want != self.cmask and (want or self.cmask != _UNWATCHED):
             self._watch(True, want)
         want = (0 if self.ueof or self.cbuf is not None else _READ) | (
             0 if self.ubuf is None else OUT)
-        if want != self.umask:
+        if want != self.umask and (want or self.umask != _UNWATCHED):
             self._watch(False, want)
 
     def _watch(self, client: bool, events: int) -> None:
         """Set one descriptor's interest, adding it to the reactor's set if it is not there."""
         if client:
             fd, was, handler = self.cfd, self.cmask, self._client_event
-            self.cmask = events
         else:
             fd, was, handler = self.ufd, self.umask, self._upstream_event
-            self.umask = events
         if was == _UNWATCHED:
             self.reactor.register(fd, events, handler)
         else:
             self.reactor.modify(fd, events)
+        if client:
+            self.cmask = events
+        else:
+            self.umask = events
 
     def _park(self, client: bool) -> None:
         """Take a socket that is not being read out of the set until it is wanted again.
@@ -778,7 +800,12 @@ class TcpListener:
             except OSError:
                 sock.close()
                 continue
-            Connection(route, reactor, sock, peer).start()
+            conn = Connection(route, reactor, sock, peer)
+            try:
+                conn.start()
+            except OSError as exc:  # the readiness set is full (epoll's max_user_watches)
+                log.warning("mesh: dropping a connection on %s: %s", lsock.getsockname(), exc)
+                conn.abort()
 
     def close(self) -> None:
         """Stop accepting and release the port; established connections live on."""
@@ -799,9 +826,14 @@ async def listen(loop: asyncio.AbstractEventLoop, host: str | None, port: int, *
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
+    error = OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {host!r}")
     try:
         for family, type_, proto, _, addr in dict.fromkeys(infos):
-            sock = socket.socket(family, type_, proto)
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as exc:  # a family this host lacks (IPv6 disabled): skip it
+                error = exc
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -812,6 +844,8 @@ async def listen(loop: asyncio.AbstractEventLoop, host: str | None, port: int, *
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
             sock.listen(backlog)
+        if not socks:
+            raise error
     except BaseException:
         for sock in socks:
             sock.close()

@@ -11,8 +11,9 @@ descriptor is readable whenever one of its sockets is ready, so the event loop (
 or uvloop) wakes us with one callback per batch of events, and everything else on the loop —
 timers, the UDP mesh, the daemon — runs as before.
 
-Handlers must tolerate spurious events: a descriptor closed and reused within one batch may
-receive an event meant for its previous owner.
+Handlers must tolerate stale events (an event reported at the start of a batch may have been
+dealt with by an earlier handler of the same batch). A descriptor closed during a batch gets no
+more of that batch's events: its number may already belong to a new socket.
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ Handler = Callable[[int], None]
 
 
 class _SelectorPoller:
-    """epoll's register/modify/unregister/poll over ``selectors`` (platforms without epoll)."""
+    """epoll's register/modify/unregister/poll over ``selectors`` (platforms without epoll).
+
+    A selector cannot watch for errors alone, so interest 0 means "not in the selector": a
+    socket kept for errors only is not watched at all (its error shows when it is next read).
+    """
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
+        self._known: set[int] = set()  # registered descriptors, watched or at interest 0
 
     @staticmethod
     def _mask(events: int) -> int:
@@ -61,14 +67,28 @@ class _SelectorPoller:
         return int(fileno())
 
     def register(self, fd: int, events: int) -> None:
-        # selectors cannot watch for errors alone: an error shows up as readable.
-        self._sel.register(fd, self._mask(events) or selectors.EVENT_READ)
+        if fd in self._known:
+            raise FileExistsError(errno.EEXIST, f"descriptor {fd} is registered already")
+        self._known.add(fd)
+        self.modify(fd, events)
 
     def modify(self, fd: int, events: int) -> None:
-        self._sel.modify(fd, self._mask(events) or selectors.EVENT_READ)
+        if fd not in self._known:
+            raise FileNotFoundError(errno.ENOENT, f"descriptor {fd} is not registered")
+        mask = self._mask(events)
+        watched = fd in self._sel.get_map()
+        if not mask:
+            if watched:
+                self._sel.unregister(fd)
+        elif watched:
+            self._sel.modify(fd, mask)
+        else:
+            self._sel.register(fd, mask)
 
     def unregister(self, fd: int) -> None:
-        self._sel.unregister(fd)
+        self._known.remove(fd)
+        if fd in self._sel.get_map():
+            self._sel.unregister(fd)
 
     def poll(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
         ready = self._sel.select(timeout)[:maxevents]
@@ -95,6 +115,9 @@ class Reactor:
         # Without epoll, closing a descriptor does not drop it from the set: forget() must.
         self._auto_drop = not isinstance(self._poller, _SelectorPoller)
         self._handlers: dict[int, Handler] = {}
+        # Descriptors forgotten during the current batch: their number may already belong to
+        # a new socket, which must not get the old one's events (it gets its own next poll).
+        self._gone: set[int] = set()
         self._closed = False
         # Handlers run one at a time on the loop's thread, so they can share one buffer.
         self.buffer = memoryview(bytearray(BUFFER_SIZE))
@@ -116,12 +139,17 @@ class Reactor:
 
     def forget(self, fd: int) -> None:
         """``fd`` is about to be closed: drop its handler (the kernel drops it from the set)."""
-        if self._handlers.pop(fd, None) is not None and not self._auto_drop:
-            self._poller.unregister(fd)
+        if self._handlers.pop(fd, None) is not None:
+            self._gone.add(fd)
+            if not self._auto_drop:
+                self._poller.unregister(fd)
 
     def _ready(self) -> None:
-        handlers = self._handlers
+        handlers, gone = self._handlers, self._gone
+        gone.clear()
         for fd, events in self._poller.poll(0, BATCH):
+            if fd in gone:
+                continue
             handler = handlers.get(fd)
             if handler is not None:
                 handler(events)
