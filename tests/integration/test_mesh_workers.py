@@ -43,6 +43,15 @@ def test_workers_share_the_port_and_follow_their_daemon(tmp_path: Path) -> None:
         assert all(http_get(ADDR, 19900)["service"] == "web" for _ in range(30))
         workers = listeners(19900) - {daemon.pid}
         assert workers == _workers_of(daemon.pid) and len(workers) == 2
+        # A worker that dies (a crash, the OOM killer) is replaced, and the replacement is
+        # fed the current endpoints before it serves.
+        dead = min(workers)
+        os.kill(dead, signal.SIGKILL)
+        wait_for(lambda: len(listeners(19900) - {daemon.pid, dead}) == 2, timeout=15,
+                 what="a replacement worker listening on the port")
+        workers = listeners(19900) - {daemon.pid}
+        assert dead not in workers and workers == _workers_of(daemon.pid)
+        assert all(http_get(ADDR, 19900)["service"] == "web" for _ in range(30))
         api.delete("/v1/services/web").raise_for_status()
         wait_for(lambda: not listeners(19900), what="every process to release the port")
         # A daemon killed on its own takes its workers with it (their stdin closes).

@@ -24,6 +24,7 @@ from corral.api.errors import CorralError, InvalidArgument, NotFound, NotInSwarm
 from corral.api.types import API_PORT, Model, Node, NodeRole, TaskState, new_id
 from corral.daemon.config import DaemonConfig
 from corral.daemon.listeners import ASGIApp, ControlListener
+from corral.daemon.meshworkers import MeshWorkers
 from corral.host.conntrack import flush_udp_flows
 from corral.daemon.state import NodeIdentity, forget_identity, load_identity, save_identity
 from corral.dataplane.feed import (
@@ -102,7 +103,10 @@ class Daemon:
         self.mesh = IngressMesh(config.addr, bind_source=config.runtime == "process",
                                 idle_timeout=config.mesh_idle_timeout,
                                 reuse_port=config.mesh_workers > 1)
-        self._workers: list[asyncio.subprocess.Process] = []
+        worker_argv = ["--listen", self.addr, "--idle-timeout", str(config.mesh_idle_timeout)]
+        if config.runtime == "process":
+            worker_argv.append("--bind-source")
+        self.workers = MeshWorkers(config.mesh_workers - 1, worker_argv)
         self.overlay: NodeOverlay | None = None
         self._kernel_rules: list[IngressRule] | None = None
         self.mesh_errors: dict[str, str] = {}
@@ -209,46 +213,9 @@ class Daemon:
             await manager.stop()
         shutil.rmtree(self.data_dir / "manager", ignore_errors=True)
 
-    async def _start_mesh_workers(self) -> None:
-        """Extra userspace mesh processes on the same ports (the kernel spreads connections).
-        Started with the first TCP port the userspace mesh serves: an idle node, or one whose
-        ports are all in the kernel, does not pay for them."""
-        argv = [sys.executable, "-m", "corral.dataplane.worker", "--listen", self.addr,
-                "--idle-timeout", str(self.config.mesh_idle_timeout)]
-        if self.config.runtime == "process":
-            argv.append("--bind-source")
-        while len(self._workers) < self.config.mesh_workers - 1:
-            try:
-                self._workers.append(await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.PIPE))
-            except OSError as exc:  # out of processes or memory: this node's mesh serves alone
-                log.error("cannot start a mesh worker: %s", exc)
-                return
-
-    async def _feed_workers(self, update: bytes) -> None:
-        for w in self._workers:
-            if w.stdin is not None and w.returncode is None:
-                try:
-                    w.stdin.write(update)
-                    await w.stdin.drain()
-                except (ConnectionError, BrokenPipeError) as exc:
-                    log.error("mesh worker %d is gone: %s", w.pid, exc)
-
-    async def _stop_mesh_workers(self) -> None:
-        for w in self._workers:
-            if w.stdin is not None:
-                w.stdin.close()  # EOF: the worker closes its listeners and exits
-        for w in self._workers:
-            try:
-                await asyncio.wait_for(w.wait(), 3.0)
-            except TimeoutError:
-                w.kill()
-                await w.wait()
-        self._workers = []
-
     async def stop(self) -> None:
         await self._stop_agent()
-        await self._stop_mesh_workers()
+        await self.workers.stop()
         await self._close_control()
         if self.manager is not None:
             await self.manager.stop()
@@ -342,7 +309,7 @@ class Daemon:
             await self.agent.session.close()
             self.agent = None
         await self.mesh.apply({})
-        await self._feed_workers(encode_update({}, {}))
+        await self.workers.feed(encode_update({}, {}))
         if self.config.mesh == "kernel" and self._kernel_rules is not None:
             try:
                 await apply_async(render_delete())
@@ -361,11 +328,11 @@ class Daemon:
             endpoints = [e for e in endpoints if not kernel_capable(e)]
         mesh, policies = endpoints_to_mesh(endpoints), policies_of(endpoints)
         errors = await self.mesh.apply(mesh, policies)
-        if (len(self._workers) < self.config.mesh_workers - 1
-                and any(p.protocol == "tcp" for p in mesh)):
-            await self._start_mesh_workers()
-        if self._workers:
-            await self._feed_workers(encode_update(mesh, policies))
+        # The workers start with the first TCP port the userspace mesh serves: an idle node,
+        # or one whose ports are all in the kernel, does not pay for them.
+        if any(p.protocol == "tcp" for p in mesh):
+            await self.workers.ensure()
+        await self.workers.feed(encode_update(mesh, policies))
         self.mesh_errors = {f"{p.port}/{p.protocol}": e for p, e in errors.items()}
         for port, err in self.mesh_errors.items():
             log.error("cannot publish %s on %s: %s", port, self.addr, err)

@@ -1,18 +1,17 @@
 """Zero-copy forwarding for the bulk phase of a proxied TCP connection (Linux ``splice``).
 
-How this works: a proxied connection starts on asyncio transports (:mod:`corral.dataplane.proxy`),
-which copy every byte into Python and out again. Once a read shows bulk traffic (a large read,
-see :data:`BULK_READ`) and nothing is buffered in either transport, the pair leaves the
-transports: both sockets are duplicated, the transports are aborted (only their descriptors are
-closed; the connections live on in the duplicates) and a :class:`SplicedPair` moves the bytes
-with ``splice(2)``: socket → pipe → socket, in the kernel, driven by the event loop's
-``add_reader``/``add_writer`` on the raw descriptors (stock asyncio and uvloop alike).
+How this works: a proxied connection starts by copying every byte through Python
+(:mod:`corral.dataplane.proxy`). Once a read shows bulk traffic (a read that fills the buffer,
+see :data:`BULK_READ`) and nothing is pending either way, the connection hands both sockets to a
+:class:`SplicedPair`, which moves the bytes with ``splice(2)``: socket → pipe → socket, in the
+kernel, driven by the event loop's ``add_reader``/``add_writer`` on the descriptors (stock
+asyncio and uvloop alike).
 
 Each direction (:class:`_Flow`) reads only while its destination can take more: when a splice
 into the destination would block, it stops reading its source and waits for the destination to
 become writable (back-pressure, bounded by one pipe's worth of bytes). A source's EOF is
 forwarded as ``shutdown(SHUT_WR)`` once its pipe is empty (half-close); the pair closes when both
-directions have ended, or at once on an error in either (as the transport path does).
+directions have ended, or at once on an error in either (as the copying path does).
 
 Pipes are held only while bytes are in flight: a direction takes a pipe from a small per-process
 pool when it reads and gives it back when the pipe is empty again, so idle spliced connections
@@ -33,8 +32,8 @@ __all__ = ["BULK_READ", "PIPE_SIZE", "SplicedPair", "available", "close_pool"]
 # A read at least this large means the sender is ahead of us: move the pair to splice.
 BULK_READ = 65536
 # Each pipe's capacity, the most one splice moves (fs.pipe-max-size allows 1 MiB to anyone).
-# Measured on a 100 MiB download: 1 MiB pipes use a third of the CPU the transports do, 256 KiB
-# half, 64 KiB (the default) about as much as the transports.
+# Measured on a 100 MiB download: 1 MiB pipes use a third of the CPU copying through Python does,
+# 256 KiB half, 64 KiB (the default) about as much.
 PIPE_SIZE = 1 << 20
 # Empty pipes kept for reuse (two descriptors each).
 POOL_MAX = 32
