@@ -5,15 +5,17 @@
 Not corral code and not a usable proxy: one `select.epoll` loop, raw sockets, round-robin, no
 timeouts, no retries, no health, no splice, no stats, no idle sweep, and reads tried ahead of
 readiness where a connection's next bytes are usually there already (the request after accept,
-the EOF behind data when epoll reports the peer's FIN). It only forwards bytes correctly (partial sends wait for the socket
-to drain, half-closes are passed on), so its figures are the ceiling of any feature-complete
-Python proxy on this machine: the bench shows how far corral's mesh is from it and how far it
-is from HAProxy. Prints "ready" once listening; runs until SIGTERM or SIGINT.
+the EOF behind data when epoll reports the peer's FIN). It only forwards bytes correctly
+(partial sends wait for the socket to drain, half-closes are passed on). Its figures are a
+reference point for what plain Python costs per connection and per request on this machine,
+so the bench can tell that apart from what corral's mesh adds. Prints "ready" once listening;
+runs until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import select
 import signal
 import socket
@@ -63,8 +65,10 @@ class FloorProxy:
                 client, _ = self.lsock.accept()
             except BlockingIOError:
                 return
-            except OSError:  # the client gave up before we got to it
-                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return  # out of resources: try again at the next poll
+                continue  # the client gave up before we got to it
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             backend = self.backends[self.rr % len(self.backends)]
@@ -100,8 +104,10 @@ class FloorProxy:
         if sent < len(data):
             fd = dst.fileno()
             pair.pending[fd] = data[sent:]
-            pair.paused.add(src.fileno())
-            self.ep.modify(src.fileno(), 0)
+            if src.fileno() not in pair.paused:
+                # Out of the set, not interest 0: hang-ups are reported whatever the interest.
+                pair.paused.add(src.fileno())
+                self.ep.unregister(src.fileno())
             # Until it drains, `dst` is only watched for room (its own reads wait too).
             if fd in pair.ended:
                 self.ep.register(fd, OUT)
@@ -114,14 +120,14 @@ class FloorProxy:
         """`dst` can take more: send what is parked, then read `src` again."""
         fd = dst.fileno()
         data = pair.pending.pop(fd)
-        if not self.send(pair, src, dst, data):
-            return
         if fd in pair.ended:
-            self.ep.unregister(fd)
+            self.ep.unregister(fd)  # it was in the set for room only; send() adds it if it must
         else:
             self.ep.modify(fd, IN)
+        if not self.send(pair, src, dst, data):
+            return
         pair.paused.discard(src.fileno())
-        self.ep.modify(src.fileno(), IN)
+        self.ep.register(src.fileno(), IN)
 
     def pump(self, pair: Pair, src: socket.socket, dst: socket.socket, hup: bool) -> None:
         """Forward what `src` has; on its EOF pass the half-close on (close at the second).

@@ -60,7 +60,10 @@ def test_bad_task_netns_prefix(prefix: str) -> None:
     # Task namespace names are built from it: refused at start, not at the first task.
     with pytest.raises(InvalidArgument, match="--task-netns-prefix must be 1 to 20 of"):
         make(task_netns_prefix=prefix)
-    assert make(task_netns_prefix="lab-1.t_").task_netns_prefix == "lab-1.t_"
+
+
+def test_task_netns_prefix_of_safe_characters() -> None:
+    assert make(task_netns_prefix="lab-1.t_+").task_netns_prefix == "lab-1.t_+"
 
 
 def test_kernel_mesh_needs_the_netns_runtime() -> None:

@@ -315,7 +315,9 @@ def test_backpressure_keeps_mesh_buffers_small(run: Callable[[Scenario], None],
             sport = server.sockets[0].getsockname()[1]
             await mesh.apply({PublishedPort(port): [Backend("127.0.0.1", sport)]})
             r, w = await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.sleep(0.5)  # a slow client: read nothing for a while
+            # A slow client: it reads nothing until the client socket is full.
+            await until(lambda: any(c.cbuf is not None for c in mesh._conns),
+                        what="a send the client socket did not take")
             (conn,) = mesh._conns  # white-box: what the mesh holds for this connection
             # At most one read is held (for the slow client), and the upstream is not read
             # meanwhile: the rest waits in the kernel, then at the source.

@@ -13,6 +13,7 @@ from typing import Literal
 
 from corral.api.errors import InvalidArgument
 from corral.api.types import API_PORT
+from corral.host.netlink import NAME_CHARS
 
 Runtime = Literal["process", "netns"]
 Mesh = Literal["userspace", "kernel"]
@@ -85,8 +86,8 @@ class DaemonConfig:
                                   "overlay, forwarding in the node's own namespace)")
         if not 1 <= self.mesh_workers <= MAX_MESH_WORKERS:
             raise InvalidArgument(f"--mesh-workers must be between 1 and {MAX_MESH_WORKERS}")
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,20}", self.task_netns_prefix):
-            # Namespace names are built from it (host/netlink.py accepts these characters).
+        if not re.fullmatch(f"[{NAME_CHARS}]{{1,20}}", self.task_netns_prefix):
+            # Task namespace names start with it: only what host/netlink.py takes in a name.
             raise InvalidArgument("--task-netns-prefix must be 1 to 20 of A-Z a-z 0-9 _ . + -")
 
     @property

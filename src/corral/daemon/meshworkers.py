@@ -25,68 +25,82 @@ HEALTHY_AFTER = 60.0
 class MeshWorkers:
     """Up to ``count`` worker processes running ``argv``, fed the last endpoint update."""
 
-    def __init__(self, count: int, argv: list[str]) -> None:
+    def __init__(self, count: int, argv: list[str],
+                 command: tuple[str, ...] = (sys.executable, "-m", "corral.dataplane.worker")
+                 ) -> None:
         """Nothing starts until :meth:`ensure` (the daemon calls it with the first TCP port)."""
         self.count = count
-        self.argv = argv
+        self.command = (*command, *argv)
         self.procs: list[asyncio.subprocess.Process] = []
         self._watchers: set[asyncio.Task[None]] = set()
+        # Slots of dead workers whose replacement is waiting out its back-off: ensure() leaves
+        # them alone, so a burst of endpoint updates cannot bypass the back-off.
+        self._replacing = 0
         self._update: bytes | None = None  # the last endpoint state, for replacements
         self._delay = RESTART_DELAY
-        self._lock = asyncio.Lock()  # one start at a time: never more than `count` workers
+        self._lock = asyncio.Lock()  # one start or stop at a time: never more than `count`
         self._stopping = False
 
     async def ensure(self) -> None:
         """Start workers until there are ``count`` (fewer if the system refuses more)."""
         async with self._lock:
-            started = []
-            while len(self.procs) < self.count and not self._stopping:
-                try:
-                    proc = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "corral.dataplane.worker", *self.argv,
-                        stdin=asyncio.subprocess.PIPE)
-                except OSError as exc:  # out of processes or memory: the daemon's mesh serves
-                    log.error("cannot start a mesh worker: %s", exc)
+            while len(self.procs) + self._replacing < self.count and not self._stopping:
+                if not await self._start_one():
                     break
-                self.procs.append(proc)
-                started.append(proc)
-                watcher = asyncio.get_running_loop().create_task(self._watch(proc))
-                self._watchers.add(watcher)
-                watcher.add_done_callback(self._watchers.discard)
-            if self._update is not None and started:
-                await self._send(started, self._update)
+
+    async def _start_one(self) -> bool:
+        """Start a worker and give it the current state before it can serve (lock held)."""
+        try:
+            proc = await asyncio.create_subprocess_exec(*self.command,
+                                                        stdin=asyncio.subprocess.PIPE)
+        except OSError as exc:  # out of processes or memory: the daemon's mesh serves alone
+            log.error("cannot start a mesh worker: %s", exc)
+            return False
+        self.procs.append(proc)
+        if self._update is not None and proc.stdin is not None:
+            # Written before any await, so no newer update can overtake it (feed() writes
+            # to every listed worker, this one included, from now on).
+            proc.stdin.write(self._update)
+        watcher = asyncio.get_running_loop().create_task(self._watch(proc))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return True
 
     async def feed(self, update: bytes) -> None:
         """Give every worker the endpoint state (and remember it for replacements)."""
         self._update = update
-        await self._send(self.procs, update)
-
-    async def _send(self, procs: list[asyncio.subprocess.Process], update: bytes) -> None:
-        for proc in procs:
+        for proc in list(self.procs):  # a copy: a watcher may drop a dead one meanwhile
             if proc.stdin is not None and proc.returncode is None:
                 try:
                     proc.stdin.write(update)
                     await proc.stdin.drain()
-                except (ConnectionError, BrokenPipeError) as exc:
+                except ConnectionError as exc:
                     log.error("mesh worker %d is gone: %s", proc.pid, exc)
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
-        """Wait for a worker to end; replace it unless the daemon is stopping."""
+        """Wait for a worker to end; replace it after a back-off, unless stopping."""
         loop = asyncio.get_running_loop()
         born = loop.time()
         code = await proc.wait()
         if self._stopping:
             return
-        if proc in self.procs:
-            self.procs.remove(proc)
-        if loop.time() - born >= HEALTHY_AFTER:
-            self._delay = RESTART_DELAY
-        delay = self._delay
-        self._delay = min(delay * 2, RESTART_DELAY_MAX)
-        log.error("mesh worker %d exited (status %s); starting another in %.0f s",
-                  proc.pid, code, delay)
-        await asyncio.sleep(delay)
-        await self.ensure()
+        self._replacing += 1
+        try:
+            if proc in self.procs:
+                self.procs.remove(proc)
+            if loop.time() - born >= HEALTHY_AFTER:
+                self._delay = RESTART_DELAY
+            log.error("mesh worker %d exited (status %s); starting another in %.0f s",
+                      proc.pid, code, self._delay)
+            while True:
+                delay = self._delay
+                self._delay = min(delay * 2, RESTART_DELAY_MAX)
+                await asyncio.sleep(delay)
+                async with self._lock:
+                    if self._stopping or await self._start_one():
+                        return
+        finally:
+            self._replacing -= 1
 
     async def stop(self) -> None:
         """Stop every worker: EOF on stdin, then SIGKILL after 3 s."""
@@ -94,13 +108,14 @@ class MeshWorkers:
         for watcher in list(self._watchers):
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
-        for proc in self.procs:
-            if proc.stdin is not None:
-                proc.stdin.close()  # EOF: the worker closes its listeners and exits
-        for proc in self.procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 3.0)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        self.procs = []
+        async with self._lock:  # a start in progress finishes first, and is stopped too
+            for proc in self.procs:
+                if proc.stdin is not None:
+                    proc.stdin.close()  # EOF: the worker closes its listeners and exits
+            for proc in self.procs:
+                try:
+                    await asyncio.wait_for(proc.wait(), 3.0)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+            self.procs = []

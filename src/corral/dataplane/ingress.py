@@ -184,7 +184,13 @@ class IngressMesh:
                 for sock in socks:
                     sock.close()
                 return bind_error_message(exc)
-        self._listeners[pp] = TcpListener(self._reactor, socks, route)
+        try:
+            self._listeners[pp] = TcpListener(self._reactor, socks, route)
+        except OSError as exc:  # the readiness set refused them (epoll's limits)
+            for sock in socks:
+                self._reactor.forget(sock.fileno())
+                sock.close()
+            return bind_error_message(exc)
         return None
 
     def listening(self) -> set[PublishedPort]:

@@ -6,7 +6,9 @@ transports, each connection paid for two transport objects, a task and a future 
 connect, and uvloop's extra ``getsockname``/``getpeername``/``ioctl`` calls; uvloop's
 ``add_reader`` on a raw descriptor costs about a dozen ``epoll_ctl`` calls per connection. Here a
 connection registers its two descriptors once, changes their interest only when back-pressure
-starts or stops, and the kernel drops them from the set when they are closed. The set's own
+starts or stops, and the kernel drops them from the set when they are closed (when no other
+process holds them: the daemon's children are started with close-on-exec descriptors, and the
+mesh's sockets are all close-on-exec). The set's own
 descriptor is readable whenever one of its sockets is ready, so the event loop (stock asyncio
 or uvloop) wakes us with one callback per batch of events, and everything else on the loop —
 timers, the UDP mesh, the daemon — runs as before.

@@ -1,8 +1,8 @@
 """Zero-copy forwarding for the bulk phase of a proxied TCP connection (Linux ``splice``).
 
 How this works: a proxied connection starts by copying every byte through Python
-(:mod:`corral.dataplane.proxy`). Once a read shows bulk traffic (a read that fills the buffer,
-see :data:`BULK_READ`) and nothing is pending either way, the connection hands both sockets to a
+(:mod:`corral.dataplane.proxy`). Once a read shows bulk traffic (a read that fills the buffer)
+and nothing is pending either way, the connection hands both sockets to a
 :class:`SplicedPair`, which moves the bytes with ``splice(2)``: socket → pipe → socket, in the
 kernel, driven by the event loop's ``add_reader``/``add_writer`` on the descriptors (stock
 asyncio and uvloop alike).
@@ -27,10 +27,8 @@ import os
 import socket
 from collections.abc import Callable
 
-__all__ = ["BULK_READ", "PIPE_SIZE", "SplicedPair", "available", "close_pool"]
+__all__ = ["PIPE_SIZE", "SplicedPair", "available", "close_pool"]
 
-# A read at least this large means the sender is ahead of us: move the pair to splice.
-BULK_READ = 65536
 # Each pipe's capacity, the most one splice moves (fs.pipe-max-size allows 1 MiB to anyone).
 # Measured on a 100 MiB download: 1 MiB pipes use a third of the CPU copying through Python does,
 # 256 KiB half, 64 KiB (the default) about as much.

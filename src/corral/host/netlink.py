@@ -13,7 +13,7 @@ Everything here operates on the *current* network namespace (the daemon runs
 inside its node's namespace); task namespaces are configured from outside with
 ``ip -n NETNS``, never by entering them from this process.
 
-Why commands and not a netlink library: pyroute2 cost the daemon ~7-8 MB
+Why commands and not a netlink library: pyroute2 cost the daemon ~9 MB
 resident (its package imports every netlink family, and its synchronous API
 needs a private asyncio loop on a thread of its own), while these calls are
 rare (a network or task changes, not a packet). So each step is one ``ip`` or
@@ -51,11 +51,13 @@ __all__ = [
     "HostNetwork",
     "Netlink",
     "NetlinkError",
+    "NAME_CHARS",
     "NETNS_RUN_DIR",
     "VXLAN_MTU",
     "delete_netns",
     "mac_for_ip",
     "netns_exists",
+    "valid_netns_name",
 ]
 
 NETNS_RUN_DIR = "/var/run/netns"  # where iproute2 binds named namespaces
@@ -66,8 +68,9 @@ COMMAND_TIMEOUT = 30.0  # seconds; an iproute2 command takes milliseconds
 
 # Names: what the kernel accepts minus what iproute2 could read as something else ('%' is a
 # kernel name template, quotes, '#' and '\' mean something to `-batch`).
-_IFNAME = re.compile(r"[A-Za-z0-9_.+-]{1,%d}" % IFNAMSIZ)
-_NETNS_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,255}")
+NAME_CHARS = "A-Za-z0-9_.+-"  # a regex character class body, shared with the daemon's checks
+_IFNAME = re.compile(f"[{NAME_CHARS}]{{1,{IFNAMSIZ}}}")
+_NETNS_NAME = re.compile(f"[{NAME_CHARS}]{{1,255}}")
 # Every token of a batch line (keywords, names, addresses, MACs, numbers) must match this:
 # `-batch` splits on whitespace and treats quotes, '#' and '\' specially.
 _BATCH_TOKEN = re.compile(r"[A-Za-z0-9_.:/+-]+")
@@ -104,9 +107,14 @@ def mac_for_ip(ip: str) -> str:
     return "02:42:" + ":".join(f"{b:02x}" for b in addr.packed)
 
 
+def valid_netns_name(name: str) -> bool:
+    """Whether ``name`` is a namespace name this module works with (a plain, safe file name)."""
+    return bool(_NETNS_NAME.fullmatch(name)) and name not in (".", "..")
+
+
 def _check_netns_name(name: str) -> None:
     """Refuse a namespace name that is not a plain file name of safe characters."""
-    if not _NETNS_NAME.fullmatch(name) or name in (".", ".."):
+    if not valid_netns_name(name):
         raise ValueError(f"invalid network namespace name {name!r} (letters, digits, '_.+-')")
 
 
@@ -181,6 +189,7 @@ def _batch(tool: str, lines: list[list[str]], netns: str | None = None,
     Without ``tolerate`` it stops at the first failing line. With it (one errno per line, 0 for
     none) every line runs (``-force``) and a line may fail with its own errno (EEXIST on an
     append, ENOENT on a delete: the state is already what we want); any other failure raises.
+    Not for ``ip neigh``: it exits at its first kernel error, ``-force`` or not.
     """
     if not lines:
         return
@@ -393,8 +402,8 @@ class Netlink:
             if exists:
                 info = _link("link", name).get("linkinfo") or {}
                 data = info.get("info_data") or {}
-                # iproute2 prints the address canonically (inet_ntop), as _norm_ip does; it
-                # prints "proxy" only when set.
+                # iproute2 prints the address canonically (inet_ntop), as _norm_ip does;
+                # "proxy" is absent when off before iproute2 6.4 and false from 6.4 on.
                 ok = (
                     info.get("info_kind") == "vxlan"
                     and data.get("id") == vni
@@ -450,11 +459,16 @@ class Netlink:
                 permanent[_norm_ip(e["dst"])] = _norm_mac(e["lladdr"]) if e.get("lladdr") else None
             stale = sorted(set(permanent) - set(wanted))
             new = sorted(ip for ip, mac in wanted.items() if permanent.get(ip) != mac)
-            _batch("ip",
-                   [["neigh", "del", ip, "dev", dev] for ip in stale]
-                   + [["neigh", "replace", ip, "lladdr", wanted[ip], "dev", dev, "nud",
-                       "permanent"] for ip in new],
-                   tolerate=[errno.ENOENT] * len(stale) + [0] * len(new))
+            _batch("ip", [["neigh", "replace", ip, "lladdr", wanted[ip], "dev", dev, "nud",
+                           "permanent"] for ip in new])
+            for ip in stale:
+                # One command each: `ip neigh` exits at its first kernel error, even under
+                # -force, so a batch could not step over an entry that vanished meanwhile.
+                try:
+                    _cmd(["ip", "neigh", "del", ip, "dev", dev])
+                except NetlinkError as exc:
+                    if exc.code != errno.ENOENT:
+                        raise
 
     def delete_link(self, name: str) -> None:
         """Delete link ``name``; no error if it does not exist."""

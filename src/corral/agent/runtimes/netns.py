@@ -17,7 +17,7 @@ from corral.agent.overlay import NodeOverlay
 from corral.agent.runtimes.process import ProcessController, ProcessExecutor, resolve_image
 from corral.agent.secrets import TASK_SECRETS_DIR
 from corral.api.types import Task
-from corral.host.netlink import HostNetwork, delete_netns, netns_exists
+from corral.host.netlink import HostNetwork, delete_netns, netns_exists, valid_netns_name
 
 NETNS_ETC = Path("/etc/netns")
 DEFAULT_PORT = 80
@@ -138,6 +138,8 @@ def sweep_namespaces(prefix: str) -> None:
     if not root.is_dir():
         return
     for entry in root.iterdir():
-        if entry.name.startswith(prefix) and netns_exists(entry.name):
+        # A name this module would never make is not ours (and netns_exists refuses it).
+        if (entry.name.startswith(prefix) and valid_netns_name(entry.name)
+                and netns_exists(entry.name)):
             delete_netns(entry.name)
             shutil.rmtree(NETNS_ETC / entry.name, ignore_errors=True)
