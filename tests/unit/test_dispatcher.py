@@ -13,6 +13,7 @@ from corral.api.types import (
     Cluster,
     ContainerSpec,
     Node,
+    NodeRole,
     NodeDescription,
     NodeState,
     NodeStatus,
@@ -226,6 +227,19 @@ def test_assignments_content(store: MemoryStore) -> None:
     assert a.node_id == "n1" and a.version == d.version and a.heartbeat_period == 30.0
     assert [t.id for t in a.tasks] == ["t1"]  # PENDING t0 not yet assigned
     assert [(e.service_name, e.backends) for e in a.endpoints] == [("web", [])]
+
+
+def test_managers_to_fail_over_to_carry_each_managers_api_port(store: MemoryStore) -> None:
+    # Agents reconnect to these when their manager goes: a manager started with --port must
+    # be listed on that port, not on the default one.
+    def promote(tx: WriteTx) -> None:
+        for nid, port in (("n1", 2377), ("n2", 4100)):
+            n = tx.must_get(Node, nid)
+            tx.update(n.model_copy(update={
+                "spec": n.spec.model_copy(update={"role": NodeRole.MANAGER}),
+                "description": n.description.model_copy(update={"api_port": port})}))
+    store.update(promote)
+    assert Dispatcher(store).assignments("n1").managers == ["10.0.0.1:2377", "10.0.0.2:4100"]
 
 
 # --------------------------------------------------------------------------- long-polls

@@ -71,6 +71,9 @@ class NodeSpec(Model):
 class NodeDescription(Model):
     hostname: str
     addr: str
+    # Where its API listens (`corral daemon --port`): the address agents fail over to when the
+    # node is a manager, as Swarm's ManagerStatus.Addr carries the port.
+    api_port: int = Field(default=API_PORT, ge=1, le=65535)
     os: str = "linux"
     arch: str = "x86_64"
     engine_version: str = ""

@@ -454,7 +454,8 @@ class Daemon:
                                                     heartbeat_period=heartbeat_period,
                                                     engine_version=__version__,
                                                     csr=self.tls.new_csr().decode(),
-                                                    cert_expiry=cert_expiry, node_id=node_id)
+                                                    cert_expiry=cert_expiry, node_id=node_id,
+                                                    api_port=self.api_port)
                 await manager.store.flush()
                 self.tls.trust(resp.ca.encode())
                 self.tls.install(resp.cert.encode())
@@ -484,7 +485,8 @@ class Daemon:
             pinned = JoinToken.parse(token)
             root = await self._fetch_pinned_root(remote, pinned)
             req = JoinRequest(token=token, hostname=self.hostname, addr=self.advertise,
-                              engine_version=__version__, csr=self.tls.new_csr().decode())
+                              api_port=self.api_port, engine_version=__version__,
+                              csr=self.tls.new_csr().decode())
             # From here on the manager must prove it holds a certificate of the pinned root.
             r = await self._call_manager(remote, client_context(root), "POST", "/v1/swarm/nodes",
                                          json=req.model_dump(mode="json"))

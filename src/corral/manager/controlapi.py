@@ -63,6 +63,7 @@ class JoinRequest(Model):
     token: str
     hostname: str = Field(min_length=1, max_length=253)
     addr: str
+    api_port: int = Field(default=API_PORT, ge=1, le=65535)
     engine_version: str = ""
     csr: str = Field(description="PEM certificate request for the node's own key")
 
@@ -195,6 +196,7 @@ class ControlAPI:
     # -- swarm ---------------------------------------------------------------------------
     def init_cluster(self, *, hostname: str, addr: str, heartbeat_period: float,
                      engine_version: str, csr: str, node_id: str | None = None,
+                     api_port: int = API_PORT,
                      cert_expiry: float = Cluster.model_fields["cert_expiry"].default) -> JoinResponse:
         """Create the cluster (with its root CA) and the first node, this manager."""
         if heartbeat_period <= 0:
@@ -208,7 +210,7 @@ class ControlAPI:
         cluster.ca_version = 1
         self._ca, self._ca_sealed = ca, cluster.ca_sealed
         node = Node(id=node_id or new_id(), spec=NodeSpec(role=NodeRole.MANAGER),
-                    description=NodeDescription(hostname=hostname, addr=addr,
+                    description=NodeDescription(hostname=hostname, addr=addr, api_port=api_port,
                                                 engine_version=engine_version),
                     status=NodeStatus(state=NodeState.READY), cert_root=ca.key_id)
 
@@ -289,6 +291,7 @@ class ControlAPI:
                                    f"({n.hostname}); remove it first")
             node = Node(id=node_id, spec=NodeSpec(role=role),
                         description=NodeDescription(hostname=req.hostname, addr=req.addr,
+                                                    api_port=req.api_port,
                                                     engine_version=req.engine_version),
                         status=NodeStatus(state=NodeState.UNKNOWN), cert_root=self.ca.key_id)
             return tx.create(node)

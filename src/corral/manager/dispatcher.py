@@ -22,7 +22,6 @@ from pydantic import Field
 from corral.api.errors import Forbidden
 from corral.api.lb import LbKind
 from corral.api.types import (
-    API_PORT,
     Model,
     Network,
     Node,
@@ -259,7 +258,8 @@ class Dispatcher:
                            role=nodes[node_id].spec.role if node_id in nodes else None,
                            manager_ids=sorted(n.id for n in nodes.values()
                                               if n.spec.role is NodeRole.MANAGER),
-                           managers=sorted(f"{n.description.addr}:{API_PORT}" for n in nodes.values()
+                           managers=sorted(f"{n.description.addr}:{n.description.api_port}"
+                                           for n in nodes.values()
                                            if n.spec.role is NodeRole.MANAGER
                                            and n.status.state is not NodeState.DOWN),
                            secrets=self._secrets_for(tasks, view))
