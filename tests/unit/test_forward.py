@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from corral.api.types import Node, NodeDescription
+from corral.daemon.api import node_url
 from corral.daemon.forward import needs_leader
 
 
@@ -26,3 +28,11 @@ from corral.daemon.forward import needs_leader
 ])
 def test_needs_leader(method: str, path: str, leader: bool) -> None:
     assert needs_leader(method, path) is leader
+
+
+def test_another_node_is_called_on_its_own_api_port() -> None:
+    # `service logs` and `service exec` reach the node that runs the task: on the port that
+    # node's daemon listens on (--port), not on the caller's.
+    node = Node(id="n2", description=NodeDescription(hostname="h2", addr="10.0.0.2",
+                                                     api_port=4100))
+    assert node_url(node) == "https://10.0.0.2:4100"

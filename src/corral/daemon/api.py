@@ -140,6 +140,11 @@ class LogLine(Model):
     line: str
 
 
+def node_url(node: Node) -> str:
+    """Where another node's API answers (its own address and port)."""
+    return f"https://{node.description.addr}:{node.description.api_port}"
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     errors = exc.errors()
     if not errors:
@@ -371,8 +376,8 @@ def make_app(daemon: Daemon) -> FastAPI:
             if node is None:
                 return []
             try:
-                r = await client.get(f"https://{node.description.addr}:{daemon.api_port}"
-                                     f"/v1/local/tasks/{t.id}/logs", params={"tail": tail} if tail else {},
+                r = await client.get(f"{node_url(node)}/v1/local/tasks/{t.id}/logs",
+                                     params={"tail": tail} if tail else {},
                                      extensions={"sni_hostname": node.id})
             except httpx.HTTPError:
                 return []  # a node that is down cannot show its logs; docker skips it too
@@ -393,8 +398,8 @@ def make_app(daemon: Daemon) -> FastAPI:
             raise NotFound(f"task {task_id} is not running on any node")
         try:
             async with daemon.node_client(timeout=req.timeout + 5.0) as client:
-                r = await client.post(f"https://{node.description.addr}:{daemon.api_port}"
-                                      f"/v1/local/tasks/{task.id}/exec", json=req.model_dump(),
+                r = await client.post(f"{node_url(node)}/v1/local/tasks/{task.id}/exec",
+                                      json=req.model_dump(),
                                       extensions={"sni_hostname": node.id})
         except httpx.HTTPError as exc:
             raise InvalidArgument(f"cannot reach node {node.hostname}: {exc}") from None
