@@ -65,7 +65,7 @@ def daemon(addr: Annotated[str, typer.Option(help="Address for the API and publi
                help="Name prefix of the task network namespaces this daemon makes")] = "corral-t-",
            mesh: Annotated[str, typer.Option(
                help="Routing mesh: kernel (nftables DNAT; needs the netns runtime), userspace "
-                    "(the asyncio proxy) or auto (kernel when it can)")] = "auto",
+                    "(a TCP/UDP proxy in the daemon) or auto (kernel when it can)")] = "auto",
            mesh_idle_timeout: Annotated[str, typer.Option(
                help="Close proxied connections idle this long (0 = never)")] = "1h",
            mesh_workers: Annotated[str, typer.Option(
