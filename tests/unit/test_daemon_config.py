@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,17 @@ def test_a_cpu_quota_bounds_the_mesh_workers(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(config_mod.os, "sched_getaffinity", lambda _: set(range(64)))
     monkeypatch.setattr(config_mod, "_cgroup_cpu_quota", lambda: 1.5)  # a container's 1.5 CPUs
     assert DaemonConfig.parse_mesh_workers("auto") == 2
+
+
+def test_the_daemon_command_leaves_the_rest_of_the_cli_unloaded() -> None:
+    # A daemon lives for months: the other commands' code (tables, colours) is not its to carry.
+    code = ("import sys\n"
+            "sys.argv = ['corral', 'daemon', '--addr', '127.0.0.1', '--runtime', 'bogus']\n"
+            "from corral.cli.entry import main\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit as exc:\n"
+            "    print(exc.code, 'corral.cli.main' in sys.modules, 'corral.cli.service' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["1", "False", "False"]
+    assert out.stderr.strip() == "Error: invalid --runtime 'bogus': expected process, netns or auto"
