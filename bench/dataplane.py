@@ -370,29 +370,21 @@ def start_backends(procs: Processes, tmp: pathlib.Path) -> None:
         wait_listening(addr, port, proc, procs, "backends")
 
 
-def start_mesh(procs: Processes, path: Path, workers: int = 1) -> None:
-    """One mesh process, or `workers` of them sharing the port (corral --mesh-workers)."""
-    argv = [sys.executable, str(HERE / "mesh_proxy.py"), f"{path.addr}:{path.port}",
+def start_mesh(procs: Processes, path: Path, workers: int = 1,
+               script: str = "mesh_proxy.py") -> None:
+    """One mesh process, or `workers` of them sharing the port (corral --mesh-workers);
+    `script` floor_proxy.py for the Python floor row."""
+    argv = [sys.executable, str(HERE / script), f"{path.addr}:{path.port}",
             *(f"{a}:{p}" for a, p in BACKENDS)]
     if workers > 1:
         argv.append("--reuse-port")
     for i in range(workers):
-        name = "mesh" if workers == 1 else f"mesh{path.port}-{i}"
+        name = path.key if workers == 1 else f"{path.key}{path.port}-{i}"
         proc = procs.start(name, argv, stdout=subprocess.PIPE)
         wait_ready_line(proc, procs, name)
         if i == 0:
             path.pid = proc.pid
         path.pids.append(proc.pid)
-
-
-def start_floor(procs: Processes, path: Path) -> None:
-    """bench/floor_proxy.py: the least a Python proxy does per connection (no corral code)."""
-    argv = [sys.executable, str(HERE / "floor_proxy.py"), f"{path.addr}:{path.port}",
-            *(f"{a}:{p}" for a, p in BACKENDS)]
-    proc = procs.start("floor", argv, stdout=subprocess.PIPE)
-    wait_ready_line(proc, procs, "floor")
-    path.pid = proc.pid
-    path.pids.append(proc.pid)
 
 
 def start_haproxy(procs: Processes, tmp: pathlib.Path, path: Path, threads: int = 1) -> None:
@@ -826,7 +818,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
         start_backends(procs, tmp)
         start_mesh(procs, by_key["corral"])
         start_mesh(procs, by_key["corral2"], workers=CORES)
-        start_floor(procs, by_key["floor"])
+        start_mesh(procs, by_key["floor"], script="floor_proxy.py")
         starters: list[tuple[str, Callable[[Processes, pathlib.Path, Path], None]]] = [
             ("haproxy", start_haproxy),
             ("haproxy2", lambda procs, tmp, path: start_haproxy(procs, tmp, path, CORES)),

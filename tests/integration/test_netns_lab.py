@@ -243,7 +243,7 @@ def test_non_root_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     check_root(euid=0)
     # The whole CLI path, in this process, as a user who is not root. (Not with setpriv in a
     # subprocess: an unprivileged user may not be able to read the checkout at all.)
-    from corral.cli.main import main
+    from corral.cli.entry import main
     d = tmp_path / "lab"
     monkeypatch.setattr(lab_mod.os, "geteuid", lambda: 65534)
     monkeypatch.setattr(sys, "argv", ["corral", "lab", "up", "--netns", "--dir", str(d)])

@@ -64,12 +64,15 @@ def test_a_dead_worker_is_replaced_after_a_back_off_and_fed_the_current_state(
             await until(lambda: len(workers.procs) == 1 and workers.procs[0] is not second,
                         what="another replacement")
             assert loop.time() - died >= 0.6
+
+            # Stopping during a back-off is final: the pending replacement is called off.
+            (third,) = workers.procs
+            os.kill(third.pid, signal.SIGKILL)
+            await until(lambda: not workers.procs, what="the third death noticed")
+            assert workers._watchers  # white-box: its replacement waits out the back-off
         finally:
             await workers.stop()
-        assert workers.procs == []
-        # Stopping is final: nobody is replaced any more.
-        await asyncio.sleep(0.5)
-        assert workers.procs == []
+        assert workers.procs == [] and not workers._watchers
 
     run(scenario)
 
@@ -78,10 +81,12 @@ def test_stop_ends_every_worker(run: Callable[[Callable[[], Awaitable[None]]], N
                                 tmp_path: Path) -> None:
     async def scenario() -> None:
         workers = MeshWorkers(2, [str(tmp_path)], command=(sys.executable, "-c", FAKE_WORKER))
-        await workers.ensure()
-        procs = list(workers.procs)
-        assert len(procs) == 2
-        await workers.stop()
+        try:
+            await workers.ensure()
+            procs = list(workers.procs)
+            assert len(procs) == 2
+        finally:
+            await workers.stop()
         assert all(p.returncode is not None for p in procs)
         assert workers.procs == []
 

@@ -15,7 +15,6 @@ from corral.cli import service as service_cli
 from corral.cli import swarm as swarm_cli
 from corral.cli.context import State
 from corral.cli.daemoncmd import daemon
-from corral.cli.entry import guarded
 from corral.client import TlsFiles, default_tls
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, add_completion=False,
@@ -55,8 +54,3 @@ def version() -> None:
     """Show the corral version."""
     from corral import __version__
     typer.echo(f"corral {__version__}")
-
-
-def main() -> None:
-    """Console entry point (see :mod:`corral.cli.entry`)."""
-    guarded(lambda: app(prog_name="corral"))

@@ -14,7 +14,6 @@ from corral.api.errors import InvalidArgument
 from corral.api.types import (
     MAX_REPLICAS,
     ContainerSpec,
-    Node,
     Placement,
     RestartCondition,
     RestartPolicy,

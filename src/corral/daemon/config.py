@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Literal
 
 from corral.api.errors import InvalidArgument
 from corral.api.types import API_PORT
-from corral.host.netlink import NAME_CHARS
+from corral.host.netlink import valid_netns_name
 
 Runtime = Literal["process", "netns"]
 Mesh = Literal["userspace", "kernel"]
@@ -86,7 +85,8 @@ class DaemonConfig:
                                   "overlay, forwarding in the node's own namespace)")
         if not 1 <= self.mesh_workers <= MAX_MESH_WORKERS:
             raise InvalidArgument(f"--mesh-workers must be between 1 and {MAX_MESH_WORKERS}")
-        if not re.fullmatch(f"[{NAME_CHARS}]{{1,20}}", self.task_netns_prefix):
+        prefix = self.task_netns_prefix
+        if not (len(prefix) <= 20 and valid_netns_name(prefix)):
             # Task namespace names start with it: only what host/netlink.py takes in a name.
             raise InvalidArgument("--task-netns-prefix must be 1 to 20 of A-Z a-z 0-9 _ . + -")
 

@@ -8,7 +8,6 @@ import logging
 import platform
 import shutil
 import ssl
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -330,9 +329,10 @@ class Daemon:
         errors = await self.mesh.apply(mesh, policies)
         # The workers start with the first TCP port the userspace mesh serves: an idle node,
         # or one whose ports are all in the kernel, does not pay for them.
-        if any(p.protocol == "tcp" for p in mesh):
-            await self.workers.ensure()
-        await self.workers.feed(encode_update(mesh, policies))
+        if self.workers.count:
+            if any(p.protocol == "tcp" for p in mesh):
+                await self.workers.ensure()
+            await self.workers.feed(encode_update(mesh, policies))
         self.mesh_errors = {f"{p.port}/{p.protocol}": e for p, e in errors.items()}
         for port, err in self.mesh_errors.items():
             log.error("cannot publish %s on %s: %s", port, self.addr, err)

@@ -309,11 +309,13 @@ ACCEPT_PAUSE = 0.5
 _BIND_ADDRESS_NO_PORT: int | None = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # Upstream sockets are born non-blocking where the platform allows (no ioctl afterwards).
-_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+# (Python makes every socket close-on-exec by itself.)
+_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 
+# Out of descriptors or memory: nobody's fault but ours, and it passes.
+_NO_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Errors of our own making when opening an upstream socket (see Connection._connect_next).
-_LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
-                           errno.EADDRNOTAVAIL})
+_LOCAL_ERRORS = _NO_RESOURCES | {errno.EADDRNOTAVAIL}
 
 # Connection states.
 CONNECTING, OPEN, SPLICED, CLOSED = range(4)
@@ -784,7 +786,7 @@ class TcpListener:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in _NO_RESOURCES:
                     # Out of descriptors or memory: the queue waits in the kernel meanwhile.
                     log.warning("mesh: cannot accept on %s: %s; pausing %.1f s",
                                 lsock.getsockname(), exc.strerror, ACCEPT_PAUSE)

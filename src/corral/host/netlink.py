@@ -51,7 +51,6 @@ __all__ = [
     "HostNetwork",
     "Netlink",
     "NetlinkError",
-    "NAME_CHARS",
     "NETNS_RUN_DIR",
     "VXLAN_MTU",
     "delete_netns",
@@ -68,9 +67,8 @@ COMMAND_TIMEOUT = 30.0  # seconds; an iproute2 command takes milliseconds
 
 # Names: what the kernel accepts minus what iproute2 could read as something else ('%' is a
 # kernel name template, quotes, '#' and '\' mean something to `-batch`).
-NAME_CHARS = "A-Za-z0-9_.+-"  # a regex character class body, shared with the daemon's checks
-_IFNAME = re.compile(f"[{NAME_CHARS}]{{1,{IFNAMSIZ}}}")
-_NETNS_NAME = re.compile(f"[{NAME_CHARS}]{{1,255}}")
+_IFNAME = re.compile(r"[A-Za-z0-9_.+-]{1,%d}" % IFNAMSIZ)
+_NETNS_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,255}")
 # Every token of a batch line (keywords, names, addresses, MACs, numbers) must match this:
 # `-batch` splits on whitespace and treats quotes, '#' and '\' specially.
 _BATCH_TOKEN = re.compile(r"[A-Za-z0-9_.:/+-]+")

@@ -103,7 +103,7 @@ class WriteTx(ReadTx):
         self.events: list[Event] = []
         self._copied: set[str] = set()
 
-    def _writable(self, kind: str) -> dict[str, StoredObject]:
+    def writable(self, kind: str) -> dict[str, StoredObject]:
         """The transaction's own copy of one table, made on its first write: a transaction
         copies only what it changes, and the committed tables stay untouched until commit."""
         if kind not in self._copied:
@@ -116,7 +116,7 @@ class WriteTx(ReadTx):
         if obj.id in self._tables[kind]:
             raise Conflict(f"{kind} {obj.id} already exists")
         stored = obj.model_copy(update={"version": 1})
-        self._writable(kind)[obj.id] = stored
+        self.writable(kind)[obj.id] = stored
         self.events.append(Event(Action.CREATE, kind, stored))
         return stored
 
@@ -131,13 +131,13 @@ class WriteTx(ReadTx):
                 f"the change was based on {obj.version}"
             )
         stored = obj.model_copy(update={"version": obj.version + 1})
-        self._writable(kind)[obj.id] = stored
+        self.writable(kind)[obj.id] = stored
         self.events.append(Event(Action.UPDATE, kind, stored, old))
         return stored
 
     def delete(self, cls: type[Obj], id: str) -> None:
         kind = kind_of(cls)
-        old = self._writable(kind).pop(id, None) if id in self._tables[kind] else None
+        old = self.writable(kind).pop(id, None) if id in self._tables[kind] else None
         if old is not None:
             self.events.append(Event(Action.DELETE, kind, old, old))
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from corral.api.errors import CorralError
 from corral.api.types import StoredObject
-from corral.store.base import KINDS, Action, Event, Store, Tables
+from corral.store.base import KINDS, Action, Event, Store, Tables, WriteTx
 from corral.store.etcd_client import (
     EtcdClient,
     EtcdCompacted,
@@ -114,9 +114,9 @@ class EtcdStore(Store):
 
     def _apply_remote(self, batch: list[WatchEvent]) -> None:
         """Apply one watch message (one etcd transaction, often many objects): each table it
-        touches is copied once, as a local store transaction does."""
+        touches is copied once, by the same copy-on-write as a local transaction."""
         staged: Tables = dict(self._tables)
-        copied: set[str] = set()
+        tx = WriteTx(staged)  # its copies land in `staged`
         events: list[Event] = []
         for ev in batch:
             self.revision = max(self.revision, ev.kv.mod_revision)
@@ -134,13 +134,10 @@ class EtcdStore(Store):
                 if old is not None and old.version >= obj.version and old == obj:
                     continue  # our own write coming back
                 event = Event(Action.CREATE if old is None else Action.UPDATE, kind, obj, old)
-            if kind not in copied:
-                staged[kind] = dict(staged[kind])
-                copied.add(kind)
             if event.action is Action.DELETE:
-                del staged[kind][obj_id]
+                del tx.writable(kind)[obj_id]
             else:
-                staged[kind][obj_id] = event.obj
+                tx.writable(kind)[obj_id] = event.obj
             events.append(event)
         if events:
             self._tables = staged
@@ -225,9 +222,11 @@ class EtcdStore(Store):
 
     async def step_down(self, why: str) -> None:
         """Stop writing: unwritten transactions are dropped (the next leader reconciles), and
-        whoever waits for them hears that they were not stored."""
+        whoever waits for them hears that they were not stored. Stepping down again keeps the
+        first reason (the writer's own, say, over the manager's general one)."""
+        if self.fence is not None:
+            self.error = why
         self.fence = None
-        self.error = why
         self._queue.clear()
         async with self._progress:
             self._progress.notify_all()

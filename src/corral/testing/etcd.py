@@ -148,7 +148,10 @@ class EtcdCluster:
             m.proc.wait(5)
 
     def restart(self, i: int, timeout: float = 30.0) -> None:
-        """Start member `i` again on its data (it rejoins the cluster)."""
+        """Start member `i` again on its data (it rejoins the cluster); nothing if it runs."""
+        m = self.members[i]
+        if m.proc is not None and m.proc.poll() is None:
+            return  # a second etcd on its ports and data would fail, and orphan the first
         self._spawn(self.members[i], None)
         self.wait_healthy(self.members[i], time.monotonic() + timeout)
 
