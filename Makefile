@@ -5,7 +5,7 @@ CORRAL := $(VENV)/bin/corral
 
 .PHONY: demo test unit integration install install-test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py src/corral/dataplane/_fastpoll.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
@@ -34,7 +34,7 @@ integration: install-test
 	$(PY) -m pytest -q tests/integration
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache src/corral/dataplane/*.so
 
 bench: install
 	$(PY) bench/convergence.py

@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 
+from corral.dataplane import reactor as reactor_module
+from corral.dataplane import splice
 from corral.dataplane.proxy import (
     CONNECTING,
+    OPEN,
     Backend,
     PortStats,
     Route,
@@ -463,6 +466,57 @@ def test_a_reply_sent_before_a_reset_reaches_the_client(run: Callable[[Scenario]
         finally:
             backend.cancel()
             srv.close()
+
+    run(scenario)
+
+
+@pytest.mark.skipif(not splice.available(), reason="splice is Linux only")
+def test_a_held_read_survives_a_move_to_splice_asked_in_the_same_batch(
+        run: Callable[[Scenario], None]) -> None:
+    """One batch of events: the backend's read fills the buffer (time to splice), then the
+    client's read cannot be sent on (held). When C forwards, both reads are done before any
+    handler runs, so the held bytes exist before the move is decided: they must not be lost."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        srv = socket.create_server(("127.0.0.1", 0))
+        srv.setblocking(False)
+        client: socket.socket | None = None
+        route = make_route([Backend("127.0.0.1", srv.getsockname()[1])])
+        backend: socket.socket | None = None
+        try:
+            async with proxy(route) as port:
+                client = socket.create_connection(("127.0.0.1", port))
+                client.setblocking(False)
+                backend, _ = await loop.sock_accept(srv)
+                await until(lambda: any(c.state == OPEN for c in route.registry),
+                            what="the upstream connected")
+                (conn,) = route.registry
+                assert conn.upstream is not None
+                # Without yielding to the loop, so that all of it is in one batch of events:
+                # first the backend's bulk (the upstream side is ready first) ...
+                backend.sendall(os.urandom(reactor_module.BUFFER_SIZE + 1000))
+                # ... the upstream socket made to take nothing more (the backend reads
+                # nothing yet; filled after the bulk, whose ACKs free room) ...
+                filled = 0
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        filled += conn.upstream.send(b"f" * 65536)
+                # ... and then the client's bytes, which will have to be held.
+                client.send(b"hello")
+                want = filled + 5
+                got = bytearray()
+                try:
+                    async with asyncio.timeout(5):
+                        while len(got) < want:
+                            got += await loop.sock_recv(backend, want - len(got))
+                except TimeoutError:
+                    pytest.fail(f"the backend got {len(got) - filled} of the client's 5 bytes")
+                assert got[filled:] == b"hello"
+        finally:
+            srv.close()
+            for s in (client, backend):
+                if s is not None:
+                    s.close()
 
     run(scenario)
 

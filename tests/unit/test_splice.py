@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from corral.dataplane import proxy, splice
+from corral.dataplane import proxy, reactor, splice
 from corral.dataplane.ingress import Backend, IngressMesh, PublishedPort
 from corral.dataplane.proxy import Connection
 from corral.testing.streams import Source, read_digest
@@ -104,6 +104,54 @@ def test_large_transfer_both_ways_is_spliced_and_intact(run: Callable[[Scenario]
             assert struct.unpack("!Q", await r.readexactly(8)) == (size,)
             assert await r.read() == b""
             await until(lambda: mesh.stats(port).active == 0)
+            w.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("slow", ["client", "backend"])
+def test_both_directions_at_once_with_a_tiny_buffer(run: Callable[[Scenario], None],
+                                                   monkeypatch: Any, slow: str) -> None:
+    """Every read fills a 512-byte buffer (so each asks for splice) while the other direction
+    is held back by a slow reader: the move to splice must wait until nothing read is still
+    held anywhere. Both streams arrive intact."""
+    monkeypatch.setattr(reactor, "BUFFER_SIZE", 512)
+    size = 4 * MiB
+
+    async def pump(data: bytes, w: asyncio.StreamWriter) -> None:
+        for i in range(0, size, 4096):
+            w.write(data[i:i + 4096])
+            await w.drain()
+
+    async def drain(r: asyncio.StreamReader, dawdle: bool) -> bytes:
+        """Read `size` bytes, slowly for the first 512 KiB when `dawdle`."""
+        got = bytearray()
+        while len(got) < size:
+            got += await r.read(min(4096 if dawdle and len(got) < 512 * 1024 else MiB,
+                                    size - len(got)))
+            if dawdle and len(got) < 512 * 1024:
+                await asyncio.sleep(0.001)
+        return bytes(got)
+
+    down = os.urandom(size)
+
+    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        sender = asyncio.create_task(pump(down, w))
+        got = await drain(r, slow == "backend")
+        await sender
+        w.write(hashlib.sha256(got).digest())
+        await w.drain()
+        w.close()
+
+    async def scenario() -> None:
+        up = os.urandom(size)
+        async with mesh_to(backend) as (mesh, port):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            sender = asyncio.create_task(pump(up, w))
+            got = await drain(r, slow == "client")
+            await sender
+            assert got == down, "backend to client"
+            assert await r.read() == hashlib.sha256(up).digest(), "client to backend"
             w.close()
 
     run(scenario)

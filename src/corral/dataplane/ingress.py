@@ -227,8 +227,7 @@ class IngressMesh:
             now = time.monotonic()
             still: dict[Connection, float] = {}
             for conn in list(self._conns):
-                if conn.busy:
-                    conn.busy = False
+                if conn.take_busy():
                     continue
                 since = quiet_since.get(conn)
                 if since is None:

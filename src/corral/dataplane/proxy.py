@@ -13,6 +13,12 @@ its source stops until it drains (back-pressure, at most one read held per
 direction). A side's EOF is passed on as a half-close; the connection closes when
 both sides are done, or at once on an error on either.
 
+The steady state -- one read, one send of it -- is done by the reactor in C where its
+compiled part is built (:mod:`corral.dataplane.reactor`): a side registered for plain
+reading names its peer, and its handler hears only of what C could not finish (a FIN, an
+error, bytes the other side did not take, a read that filled the buffer; see
+:meth:`Connection._pumped`). The Python path below does the same where it is not built.
+
 Why not asyncio transports and protocols: for short connections their machinery
 cost more than the work (two transport objects, a task and a future per upstream
 connect, and extra system calls per connection): ~300 µs of CPU per new connection
@@ -42,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from corral.dataplane import splice
 from corral.dataplane.proxyproto import encode_v1, encode_v2
-from corral.dataplane.reactor import ERR, HUP, IN, OUT, RDHUP, Reactor
+from corral.dataplane.reactor import ERR, HUP, IN, OUT, PUMPED, RDHUP, Reactor
 
 if TYPE_CHECKING:
     from corral.dataplane.balance import Balancer
@@ -518,19 +524,43 @@ class Connection:
 
     def _client_event(self, events: int) -> None:
         """The client socket is ready: nearly always, data to forward (tested first)."""
-        if self.cmask == _READ and not events & (ERR | HUP):
+        if self.cmask == _READ and not events & (ERR | HUP | PUMPED):
             self._pump(True, events & RDHUP)
+        elif events & PUMPED:
+            self._pumped(True)
         else:
             self._event(True, events)
 
     def _upstream_event(self, events: int) -> None:
         """The upstream socket is ready: data to forward, or the connect is over."""
-        if self.umask == _READ and not events & (ERR | HUP):
+        if self.umask == _READ and not events & (ERR | HUP | PUMPED):
             self._pump(False, events & RDHUP)
+        elif events & PUMPED:
+            self._pumped(False)
         elif self.state == CONNECTING:
             self._connecting_event()
         else:
             self._event(False, events)
+
+    def _pumped(self, from_client: bool) -> None:
+        """The reactor's C forwarding read this side and left the rest to us (the read's
+        outcome is in ``reactor.got`` and ``reactor.rest``; see corral.dataplane.reactor)."""
+        reactor = self.reactor
+        got, rest = reactor.got, reactor.rest
+        if got > 0:
+            self.busy = True
+            if rest is None:  # the send failed
+                self.abort()
+            elif rest:
+                self._hold(not from_client, rest)
+            elif SPLICE:
+                # The read filled the buffer. Not at once: an event of the other side later
+                # in this batch may hold bytes C read already, which splicing would strand.
+                reactor.loop.call_soon(self._to_splice)
+        elif got == 0:
+            self._eof(from_client)
+        else:  # the read failed: a reset
+            self.abort()
 
     def _event(self, client: bool, events: int) -> None:
         """Everything but plain reading: errors, hang-ups, room to send again."""
@@ -663,13 +693,15 @@ class Connection:
     def _watch(self, client: bool, events: int) -> None:
         """Set one descriptor's interest, adding it to the reactor's set if it is not there."""
         if client:
-            fd, was, handler = self.cfd, self.cmask, self._client_event
+            fd, was, handler, peer = self.cfd, self.cmask, self._client_event, self.ufd
         else:
-            fd, was, handler = self.ufd, self.umask, self._upstream_event
+            fd, was, handler, peer = self.ufd, self.umask, self._upstream_event, self.cfd
+        if events != _READ:
+            peer = -1  # only plain reading may be forwarded by the reactor itself
         if was == _UNWATCHED:
-            self.reactor.register(fd, events, handler)
+            self.reactor.register(fd, events, handler, peer)
         else:
-            self.reactor.modify(fd, events)
+            self.reactor.modify(fd, events, peer)
         if client:
             self.cmask = events
         else:
@@ -702,6 +734,14 @@ class Connection:
         keepalive(upstream)  # the sweep no longer sees this upstream socket
         self.pair = splice.SplicedPair(self.reactor.loop, self.client, upstream,
                                        self.mark_busy, self.finish)
+
+    def take_busy(self) -> bool:
+        """Whether either side had traffic since the last look (for the idle sweep, which
+        this clears)."""
+        busy, self.busy = self.busy, False
+        if self.state == OPEN and self.reactor.take_busy(self.cfd, self.ufd):
+            return True
+        return busy
 
     def mark_busy(self) -> None:
         """Activity on a spliced pair (for the idle sweep)."""

@@ -13,6 +13,13 @@ descriptor is readable whenever one of its sockets is ready, so the event loop (
 or uvloop) wakes us with one callback per batch of events, and everything else on the loop —
 timers, the UDP mesh, the daemon — runs as before.
 
+The steady state of a proxied connection -- one read, one send of it to the other side -- is
+done in C where the compiled ``corral.dataplane._fastpoll`` is there (Linux, built at install):
+a descriptor registered with a ``peer`` has its plain reads forwarded there, and its handler is
+called only for what C left to do, with the :data:`PUMPED` bit and :attr:`Reactor.got` /
+:attr:`Reactor.rest` saying what that was (see the C file's header). Without it (no compiler,
+another OS, ``CORRAL_MESH_FASTPOLL=0``) the handlers do the same in Python.
+
 Handlers must tolerate stale events (an event reported at the start of a batch may have been
 dealt with by an earlier handler of the same batch). A descriptor closed during a batch gets no
 more of that batch's events: its number may already belong to a new socket.
@@ -22,11 +29,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import select
 import selectors
 from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
-__all__ = ["ERR", "HUP", "IN", "OUT", "RDHUP", "Reactor"]
+_fastpoll: ModuleType | None
+try:
+    from corral.dataplane import _fastpoll
+except ImportError:  # not built (no C compiler, not Linux): forwarding stays in Python
+    _fastpoll = None
+
+__all__ = ["ERR", "FASTPOLL", "HUP", "IN", "OUT", "PUMPED", "RDHUP", "Reactor"]
 
 # epoll's event bits (the same values are used with the portable fallback below).
 IN: int = getattr(select, "EPOLLIN", 0x001)
@@ -34,6 +50,11 @@ OUT: int = getattr(select, "EPOLLOUT", 0x004)
 ERR: int = getattr(select, "EPOLLERR", 0x008)
 HUP: int = getattr(select, "EPOLLHUP", 0x010)
 RDHUP: int = getattr(select, "EPOLLRDHUP", 0x2000)  # the peer sent FIN (Linux)
+# Not epoll's: the event is what the C forwarding left over (see Reactor.got and .rest).
+PUMPED = 1 << 28
+
+# Whether reactors forward in C (the compiled module is there and not turned off).
+FASTPOLL = _fastpoll is not None and os.environ.get("CORRAL_MESH_FASTPOLL", "1") != "0"
 
 # The scratch buffer every read goes into: the most one read takes (bytes a connection holds
 # are copied out of it only when a socket does not take them at once).
@@ -104,16 +125,27 @@ class _SelectorPoller:
 class Reactor:
     """A private readiness set for sockets, driven by the running event loop.
 
-    ``register(fd, events, handler)``: call ``handler(events)`` whenever ``fd`` is ready;
-    ``modify`` changes the interest; ``forget`` drops the handler of a descriptor about to be
-    closed (closing removes it from the set); ``unregister`` removes one that stays open.
+    ``register(fd, events, handler, peer)``: call ``handler(events)`` whenever ``fd`` is ready
+    (with ``peer``, a descriptor to forward plain reads to in C: see the module docstring);
+    ``modify`` changes the interest (and the peer); ``forget`` drops the handler of a
+    descriptor about to be closed (closing removes it from the set); ``unregister`` removes
+    one that stays open.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, portable: bool = False) -> None:
-        """Create the set and have ``loop`` watch it (``portable``: the selectors fallback)."""
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, portable: bool = False,
+                 fast: bool | None = None) -> None:
+        """Create the set and have ``loop`` watch it (``portable``: the selectors fallback;
+        ``fast``: forward in C, by default whenever it is built)."""
         self.loop = loop
         epoll = getattr(select, "epoll", None)
-        self._poller = _SelectorPoller() if portable or epoll is None else epoll()
+        self.fast = (FASTPOLL if fast is None else fast) and not portable and epoll is not None
+        self._poller: Any
+        if self.fast:
+            if _fastpoll is None:
+                raise RuntimeError("corral.dataplane._fastpoll is not built")
+            self._poller = _fastpoll.Poller(BUFFER_SIZE)
+        else:
+            self._poller = _SelectorPoller() if portable or epoll is None else epoll()
         # Without epoll, closing a descriptor does not drop it from the set: forget() must.
         self._auto_drop = not isinstance(self._poller, _SelectorPoller)
         self._handlers: dict[int, Handler] = {}
@@ -123,16 +155,27 @@ class Reactor:
         self._closed = False
         # Handlers run one at a time on the loop's thread, so they can share one buffer.
         self.buffer = memoryview(bytearray(BUFFER_SIZE))
-        loop.add_reader(self._poller.fileno(), self._ready)
+        # What the C forwarding did for the PUMPED event being handled: bytes read (0: the
+        # FIN, READ_FAILED: an error), and what of them the peer did not take (None: the send
+        # failed).
+        self.got = 0
+        self.rest: bytes | None = None
+        loop.add_reader(self._poller.fileno(), self._ready_fast if self.fast else self._ready)
 
-    def register(self, fd: int, events: int, handler: Handler) -> None:
+    def register(self, fd: int, events: int, handler: Handler, peer: int = -1) -> None:
         """Watch ``fd`` for ``events`` (errors and hang-ups are always reported)."""
-        self._poller.register(fd, events)
+        if self.fast:
+            self._poller.register(fd, events, peer)
+        else:
+            self._poller.register(fd, events)
         self._handlers[fd] = handler
 
-    def modify(self, fd: int, events: int) -> None:
+    def modify(self, fd: int, events: int, peer: int = -1) -> None:
         """Change what ``fd`` is watched for."""
-        self._poller.modify(fd, events)
+        if self.fast:
+            self._poller.modify(fd, events, peer)
+        else:
+            self._poller.modify(fd, events)
 
     def unregister(self, fd: int) -> None:
         """Stop watching ``fd``, which stays open (handed to someone else, or parked)."""
@@ -143,8 +186,14 @@ class Reactor:
         """``fd`` is about to be closed: drop its handler (the kernel drops it from the set)."""
         if self._handlers.pop(fd, None) is not None:
             self._gone.add(fd)
-            if not self._auto_drop:
+            if self.fast:
+                self._poller.forget(fd)
+            elif not self._auto_drop:
                 self._poller.unregister(fd)
+
+    def take_busy(self, *fds: int) -> bool:
+        """Whether C forwarded a read of any of ``fds`` since the last look (clears them)."""
+        return bool(self.fast and self._poller.take_busy(*fds))
 
     def _ready(self) -> None:
         handlers, gone = self._handlers, self._gone
@@ -155,6 +204,21 @@ class Reactor:
             handler = handlers.get(fd)
             if handler is not None:
                 handler(events)
+
+    def _ready_fast(self) -> None:
+        # C has forwarded the plain reads of the batch; the rest is ours.
+        handlers, gone = self._handlers, self._gone
+        gone.clear()
+        for fd, events, got, rest in self._poller.poll(BATCH):
+            if fd in gone:
+                continue
+            handler = handlers.get(fd)
+            if handler is not None:
+                if got == -1:  # C did nothing with it (_fastpoll.NOT_READ)
+                    handler(events)
+                else:
+                    self.got, self.rest = got, rest
+                    handler(events | PUMPED)
 
     def close(self) -> None:
         """Stop watching the set and close it (idempotent; sockets are their owners' to close)."""

@@ -1,0 +1,202 @@
+"""The compiled readiness set: plain reads of paired sockets forwarded in C, the rest reported.
+
+Real sockets (Unix socket pairs: a client-side and an upstream-side pair, the poller holding
+the middle ends, as the mesh holds its two sockets of a connection).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from corral.dataplane import reactor
+
+_fastpoll = reactor._fastpoll
+pytestmark = pytest.mark.skipif(
+    _fastpoll is None, reason="corral.dataplane._fastpoll is not built (no C compiler?)")
+
+IN, RDHUP, ERR, HUP = select.EPOLLIN, select.EPOLLRDHUP, select.EPOLLERR, select.EPOLLHUP
+READ = IN | RDHUP
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.environ.get("CI"),
+                    reason="only CI (Linux, with a compiler) insists on the compiled module")
+def test_ci_builds_the_compiled_forwarding() -> None:
+    """CI must exercise the C path, not quietly fall back to Python."""
+    assert reactor._fastpoll is not None, "setup.py did not build corral.dataplane._fastpoll"
+    assert reactor.FASTPOLL
+
+
+class Pair:
+    """client <-> c (the poller's client side), u (the poller's upstream side) <-> upstream."""
+
+    def __init__(self) -> None:
+        self.client, self.c = socket.socketpair()
+        self.u, self.upstream = socket.socketpair()
+        for s in (self.c, self.u, self.client, self.upstream):
+            s.setblocking(False)
+
+    def close(self) -> None:
+        for s in (self.client, self.c, self.u, self.upstream):
+            s.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def p() -> Iterator[Any]:
+    assert _fastpoll is not None
+    p = _fastpoll.Poller(4096)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def wait(p: Any) -> None:
+    """Block until the set has an event (poll() itself never waits)."""
+    fd = p.fileno()
+    assert select.select([fd], [], [], 5)[0], "no event within 5 s"
+
+
+def test_plain_reads_are_forwarded_without_reporting(pair: Pair, p: Any) -> None:
+    p.register(pair.c.fileno(), READ, pair.u.fileno())
+    p.register(pair.u.fileno(), READ, pair.c.fileno())
+    pair.client.send(b"GET / HTTP/1.1\r\n\r\n")
+    wait(p)
+    assert p.poll() == []
+    assert pair.upstream.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+    pair.upstream.send(b"HTTP/1.1 200 OK\r\n\r\n")
+    wait(p)
+    assert p.poll() == []
+    assert pair.client.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
+    # Both sides forwarded a read since the last look; the look clears the marks.
+    assert p.take_busy(pair.c.fileno(), pair.u.fileno()) is True
+    assert p.take_busy(pair.c.fileno(), pair.u.fileno()) is False
+    assert p.take_busy(-1, 10**6) is False
+
+
+def test_descriptors_without_a_peer_are_reported_untouched(pair: Pair, p: Any) -> None:
+    p.register(pair.c.fileno(), READ)
+    pair.client.send(b"x")
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN, -1, None)]
+    assert pair.c.recv(10) == b"x", "the poller did not read it"
+    # Interest in OUT, or a peer dropped by modify: not plain forwarding either.
+    p.modify(pair.c.fileno(), READ, pair.u.fileno())
+    p.modify(pair.c.fileno(), READ)
+    pair.client.send(b"y")
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN, -1, None)]
+
+
+def test_forget_and_unregister_stop_the_forwarding(pair: Pair, p: Any) -> None:
+    p.register(pair.c.fileno(), READ, pair.u.fileno())
+    p.forget(pair.c.fileno())
+    pair.client.send(b"x")
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN, -1, None)]
+    p.unregister(pair.c.fileno())
+    assert p.poll() == []
+    with pytest.raises(OSError) as exc:
+        p.unregister(pair.c.fileno())
+    assert exc.value.errno == errno.ENOENT
+
+
+def test_a_fin_with_the_data_is_left_to_python(pair: Pair, p: Any) -> None:
+    p.register(pair.c.fileno(), READ, pair.u.fileno())
+    pair.client.send(b"last")
+    pair.client.shutdown(socket.SHUT_WR)
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN | RDHUP, -1, None)]
+    assert pair.c.recv(10) == b"last"
+
+
+def test_a_fin_read_in_c_is_reported_as_got_0(pair: Pair, p: Any) -> None:
+    # Watched without RDHUP, the FIN shows as a plain read, which returns 0.
+    p.register(pair.c.fileno(), IN, pair.u.fileno())
+    pair.client.shutdown(socket.SHUT_WR)
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN, 0, None)]
+
+
+def test_what_the_peer_does_not_take_is_returned(pair: Pair, p: Any) -> None:
+    p.register(pair.c.fileno(), READ, pair.u.fileno())
+    # Fill the upstream side until it takes nothing more.
+    while True:
+        try:
+            pair.u.send(b"f" * 65536)
+        except BlockingIOError:
+            break
+    pair.client.send(b"held")
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN, 4, b"held")]
+
+
+def test_a_read_that_fills_the_buffer_is_reported(pair: Pair, p: Any) -> None:
+    p.register(pair.c.fileno(), READ, pair.u.fileno())
+    pair.client.send(b"z" * 5000)  # the poller's buffer is 4096
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN, 4096, b"")]
+    assert pair.upstream.recv(8192) == b"z" * 4096, "forwarded before being reported"
+
+
+def test_a_failed_send_is_reported_with_no_rest(pair: Pair, p: Any) -> None:
+    p.register(pair.c.fileno(), READ, pair.u.fileno())
+    pair.upstream.close()
+    pair.client.send(b"lost")
+    wait(p)
+    assert p.poll() == [(pair.c.fileno(), IN, 4, None)]
+
+
+def test_a_reset_is_left_to_python(p: Any) -> None:
+    # Reported with ERR (left to Python untouched) or, if it lands between the event and the
+    # read, as a failed read: either way Python learns of it and nothing is forwarded.
+    srv = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(srv.getsockname())
+    mesh, _ = srv.accept()
+    other_a, other_b = socket.socketpair()
+    try:
+        p.register(mesh.fileno(), IN, other_a.fileno())
+        client.send(b"x")
+        wait(p)
+        mesh.recv(1)  # drained again: the next event is the reset alone
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()
+        wait(p)
+        events = p.poll()
+        assert len(events) == 1 and events[0][0] == mesh.fileno()
+        fd, ev, got, rest = events[0]
+        # epoll reports the reset as an error (left to Python) or as a plain read (failed in C).
+        assert (ev & (ERR | HUP) and got == -1) or (ev == IN and got == -2), events
+    finally:
+        for s in (srv, mesh, other_a, other_b):
+            s.close()
+
+
+def test_closed_poller_refuses_work() -> None:
+    assert _fastpoll is not None
+    p = _fastpoll.Poller()
+    p.close()
+    p.close()  # idempotent
+    assert p.closed
+    with pytest.raises(ValueError):
+        p.poll()
+    with pytest.raises(ValueError):
+        p.register(0, IN)
+    with pytest.raises(ValueError):
+        _fastpoll.Poller(0)
