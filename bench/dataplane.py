@@ -716,9 +716,22 @@ COLUMNS: list[tuple[str, Callable[[Results], float | None], Callable[[float | No
 ]
 
 
+def paired_ratio(rounds: Sequence[Results], ref_rounds: Sequence[Results],
+                 get: Callable[[Results], float | None]) -> float | None:
+    """The median over rounds of this round's figure / the reference's figure in that round
+    (run back to back, so the ratio sees the same background load; see RUN_ORDER)."""
+    ratios = []
+    for res, ref in zip(rounds, ref_rounds):
+        value, ref_value = get(res), get(ref)
+        if value is not None and ref_value:
+            ratios.append(value / ref_value)
+    return statistics.median(ratios) if ratios else None
+
+
 def render_table(paths: Sequence[Path], results: dict[str, Results],
+                 rounds: dict[str, list[Results]],
                  references: Sequence[str] = ("direct", "haproxy")) -> str:
-    """Rows = paths; each cell = absolute value (ratio to each reference path)."""
+    """Rows = paths; each cell = the median figure (the median ratio to each reference path)."""
     header = ["path", *(name for name, _, _ in COLUMNS)]
     rows = []
     for path in paths:
@@ -731,10 +744,11 @@ def render_table(paths: Sequence[Path], results: dict[str, Results],
             value = get(res)
             ratios = []
             for ref in (*references, *path.extra_refs):
-                ref_res = results.get(ref)
-                ref_value = get(ref_res) if ref_res is not None else None
-                if ref != path.key and value is not None and ref_value:
-                    ratios.append(f"{value / ref_value:.2f}× {ref}")
+                if ref == path.key or ref not in rounds or value is None:
+                    continue
+                ratio = paired_ratio(rounds[path.key], rounds[ref], get)
+                if ratio is not None:
+                    ratios.append(f"{ratio:.2f}× {ref}")
             row.append(fmt(value) + (f" ({', '.join(ratios)})" if ratios else ""))
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -768,6 +782,13 @@ def print_memory(paths: dict[str, Path], mem_path: Path, memory: Memory,
 
 # ---------------------------------------------------------------------------- main
 
+
+# The order paths run in, within each load of a round: the paths each figure is compared with
+# run right next to it (the kernel path after direct in netns, each mesh row after its HAProxy
+# and before the floor), so a ratio sees the same background load. Every other round runs the
+# list backwards, so neither side of a pair always goes first.
+RUN_ORDER = ["direct", "ns-direct", "kernel", "haproxy", "corral", "floor", "nginx",
+             "haproxy2", "corral2"]
 
 LOADS: list[tuple[str, Callable[[Path, float, Results], str]]] = [
     ("keep-alive", keepalive),
@@ -859,10 +880,11 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
         runs: dict[str, list[Results]] = {p.key: [] for p in live}
         # One load kind across all paths back to back, so the paths see similar background
         # load; the whole sequence `repeat` times, and each figure is the median of its runs.
+        ordered = sorted(live, key=lambda p: RUN_ORDER.index(p.key))
         for rep in range(repeat):
             reps = {p.key: Results() for p in live}
             for load_name, load in LOADS:
-                for path in live:
+                for path in (ordered if rep % 2 == 0 else ordered[::-1]):
                     summary = load(path, seconds, reps[path.key])
                     log(f"  [{rep + 1}/{repeat}] {load_name:<28} {path.label:<34} {summary}")
                     time.sleep(0.5)
@@ -874,11 +896,12 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
         print()
         print(f"wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {seconds:g}s per run; "
               f"bulk = best of {BULK_RUNS} curl downloads of 100 MiB; each figure the median "
-              f"of {repeat} rounds; {CORES} CPUs; load average at start "
+              f"of {repeat} rounds, each ratio the median of the rounds' ratios (compared "
+              f"paths run back to back); {CORES} CPUs; load average at start "
               f"{os.getloadavg()[0]:.2f}")
         print(f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}; "
               f"{version(['nft', '--version'])}; kernel {os.uname().release}")
-        print(render_table(paths, results))
+        print(render_table(paths, results, runs))
         if not by_key["kernel"].skipped:
             print(kernel_note(ns.name))
         print_memory(by_key, mem_path, memory, haproxy_memory)

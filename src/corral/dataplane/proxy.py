@@ -553,9 +553,7 @@ class Connection:
                 self.abort()
             elif rest:
                 self._hold(not from_client, rest)
-            elif SPLICE:
-                # The read filled the buffer. Not at once: an event of the other side later
-                # in this batch may hold bytes C read already, which splicing would strand.
+            elif SPLICE:  # the read filled the buffer: the sender is ahead of us
                 reactor.loop.call_soon(self._to_splice)
         elif got == 0:
             self._eof(from_client)
@@ -621,7 +619,7 @@ class Connection:
                 return
             if n == len(view):  # the read filled the buffer: the sender is ahead of us
                 if SPLICE:
-                    self._to_splice()
+                    self.reactor.loop.call_soon(self._to_splice)  # (see _to_splice)
                 return
             if not fin:
                 return
@@ -721,7 +719,12 @@ class Connection:
             self.umask = _UNWATCHED
 
     def _to_splice(self) -> None:
-        """Bulk traffic: hand both sockets to a SplicedPair, unless something is pending."""
+        """Bulk traffic: hand both sockets to a SplicedPair, unless something is pending.
+
+        Called soon after the read that asked for it, never from inside a batch of events:
+        with the forwarding in C, an event of the other side later in the same batch may
+        carry bytes C has read already, which the move would strand (its handler is gone).
+        """
         upstream = self.upstream
         if (self.state != OPEN or upstream is None or self.ceof or self.ueof
                 or self.cbuf is not None or self.ubuf is not None):
