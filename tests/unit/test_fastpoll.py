@@ -117,13 +117,21 @@ def test_forget_and_unregister_stop_the_forwarding(pair: Pair, p: Any) -> None:
     assert exc.value.errno == errno.ENOENT
 
 
-def test_a_fin_with_the_data_is_left_to_python(pair: Pair, p: Any) -> None:
+@pytest.mark.parametrize("how", ["shutdown", "close"])
+def test_data_then_fin_is_forwarded_and_the_eof_reported(pair: Pair, p: Any, how: str) -> None:
+    # A FIN (RDHUP; after a close, HUP too) behind the data: read on to the EOF, as Python does.
     p.register(pair.c.fileno(), READ, pair.u.fileno())
-    pair.client.send(b"last")
-    pair.client.shutdown(socket.SHUT_WR)
+    pair.client.send(b"last words")
+    if how == "shutdown":
+        pair.client.shutdown(socket.SHUT_WR)
+    else:
+        pair.client.close()
     wait(p)
-    assert p.poll() == [(pair.c.fileno(), IN | RDHUP, -1, None)]
-    assert pair.c.recv(10) == b"last"
+    [(fd, events, got, rest)] = p.poll()
+    assert (fd, got, rest) == (pair.c.fileno(), 0, None)
+    assert events & RDHUP and events & IN and not events & ERR
+    assert bool(events & HUP) == (how == "close")
+    assert pair.upstream.recv(100) == b"last words"
 
 
 def test_a_fin_read_in_c_is_reported_as_got_0(pair: Pair, p: Any) -> None:

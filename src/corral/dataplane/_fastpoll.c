@@ -10,10 +10,11 @@
  * How: Poller is an epoll set, with select.epoll's register/modify/unregister, plus a "peer"
  * for a descriptor that Python has made plain forwarding: registered for reading only
  * (EPOLLIN | EPOLLRDHUP) with nothing pending towards its peer.  poll() takes a batch of
- * events; an event of such a descriptor that is exactly EPOLLIN (data, no FIN, no error) is
- * handled here: one recv() into our buffer, one send() of it to the peer.  When that forwards
- * everything and the read did not fill the buffer, the event is done and Python never sees
- * it.  Every other event is returned to Python as (fd, events, got, rest):
+ * events; a readable event of such a descriptor without an error is handled here: one recv()
+ * into our buffer and one send() of it to the peer, repeated until the EOF when the event
+ * says the sender is done (RDHUP or HUP).  When that forwards everything and no read filled
+ * the buffer, the event is done and Python never sees it.  Every other event is returned to
+ * Python as (fd, events, got, rest):
  *
  *   got == NOT_READ (-1)  nothing was done: Python handles the event as it always did;
  *   got == READ_FAILED (-2)  recv() failed (a reset): Python closes the connection;
@@ -245,6 +246,42 @@ append(PyObject *list, int fd, uint32_t events, Py_ssize_t got, PyObject *rest)
     return rc;
 }
 
+/* Forward what fd has to peer, as Python's Connection._pump does: one read, or, when the
+ * event says the sender is done (a FIN: RDHUP or HUP), reads until its EOF.  Whatever is left
+ * for Python goes into out (see the top of this file). */
+static int
+forward(Poller *self, int fd, int peer, uint32_t ev, PyObject *out)
+{
+    int fin = (ev & (EPOLLRDHUP | EPOLLHUP)) != 0;
+    for (;;) {
+        ssize_t got = recv(fd, self->buf, (size_t)self->bufsize, 0);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return 0; /* a stale event: nothing there after all */
+            return append(out, fd, ev, READ_FAILED, Py_None);
+        }
+        if (got == 0)
+            return append(out, fd, ev, 0, Py_None);
+        self->busy[fd] = 1;
+        ssize_t sent = send(peer, self->buf, (size_t)got, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                return append(out, fd, ev, got, Py_None);
+            sent = 0;
+        }
+        if (sent < got || got == self->bufsize) {
+            PyObject *rest = PyBytes_FromStringAndSize(self->buf + sent, got - sent);
+            if (rest == NULL)
+                return -1;
+            int rc = append(out, fd, ev, got, rest);
+            Py_DECREF(rest);
+            return rc;
+        }
+        if (!fin)
+            return 0; /* the common case: all forwarded, nothing more to do */
+    }
+}
+
 /* poll(maxevents=256): take ready events without waiting; forward what is plain forwarding;
  * return the rest for Python (see the top of this file). */
 static PyObject *
@@ -277,42 +314,11 @@ Poller_poll(Poller *self, PyObject *const *args, Py_ssize_t nargs)
         int fd = self->events[i].data.fd;
         uint32_t ev = self->events[i].events;
         int peer = (fd < self->size) ? self->peer[fd] - 1 : -1;
-        if (peer < 0 || ev != EPOLLIN) {
-            if (append(out, fd, ev, NOT_READ, Py_None) < 0)
-                goto error;
-            continue;
-        }
-        ssize_t got = recv(fd, self->buf, (size_t)self->bufsize, 0);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                continue; /* a stale event: nothing there after all */
-            if (append(out, fd, ev, READ_FAILED, Py_None) < 0)
-                goto error;
-            continue;
-        }
-        if (got == 0) {
-            if (append(out, fd, ev, 0, Py_None) < 0)
-                goto error;
-            continue;
-        }
-        self->busy[fd] = 1;
-        ssize_t sent = send(peer, self->buf, (size_t)got, MSG_NOSIGNAL);
-        if (sent < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
-                sent = 0;
-            } else {
-                if (append(out, fd, ev, got, Py_None) < 0)
-                    goto error;
-                continue;
-            }
-        }
-        if (sent == got && got < self->bufsize)
-            continue; /* the common case: all forwarded, nothing more to do */
-        PyObject *rest = PyBytes_FromStringAndSize(self->buf + sent, got - sent);
-        if (rest == NULL)
-            goto error;
-        int rc = append(out, fd, ev, got, rest);
-        Py_DECREF(rest);
+        int rc;
+        if (peer >= 0 && (ev & ~(uint32_t)(EPOLLRDHUP | EPOLLHUP)) == EPOLLIN)
+            rc = forward(self, fd, peer, ev, out);
+        else
+            rc = append(out, fd, ev, NOT_READ, Py_None);
         if (rc < 0)
             goto error;
     }

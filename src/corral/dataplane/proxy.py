@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import _socket
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -351,8 +350,10 @@ def open_upstream(source: str | None, backend: Backend) -> tuple[Sock, bool]:
         sock.setsockopt(*_NODELAY)
         if source is not None:
             if _BIND_ADDRESS_NO_PORT is not None:
-                with contextlib.suppress(OSError):  # kernels before 4.2: a plain bind
+                try:  # (not contextlib.suppress: this runs for every connection)
                     sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+                except OSError:  # kernels before 4.2: a plain bind
+                    pass
             sock.bind((source, 0))
         err = sock.connect_ex((backend.addr, backend.port))
         if err == 0:
