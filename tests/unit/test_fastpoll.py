@@ -208,3 +208,91 @@ def test_closed_poller_refuses_work() -> None:
         p.register(0, IN)
     with pytest.raises(ValueError):
         _fastpoll.Poller(0)
+
+
+# --- accept, connect and forward: one C call for what Python would do in several
+
+
+def test_accept_gives_a_nonblocking_nodelay_socket_and_the_peer(p: Any) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.setblocking(False)
+        assert p.accept(srv.fileno()) is None  # nobody waiting
+        with socket.create_connection(srv.getsockname()) as client:
+            fd, peer = p.accept(srv.fileno())
+            with socket.socket(fileno=fd) as conn:
+                assert peer == client.getsockname()
+                assert not os.get_blocking(fd)
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                client.send(b"x")
+                assert conn.recv(1) == b"x"
+
+
+def test_accept_reports_ipv6_peers_as_python_does(p: Any) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        srv = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    with srv, socket.create_connection(srv.getsockname()[:2]) as client:
+        fd, peer = p.accept(srv.fileno())
+        os.close(fd)
+        assert peer == client.getsockname()  # (host, port, flowinfo, scope_id)
+
+
+def test_accept_on_a_socket_that_does_not_listen_raises(p: Any) -> None:
+    with socket.socket() as s:
+        with pytest.raises(OSError) as exc:
+            p.accept(s.fileno())
+        assert exc.value.errno == errno.EINVAL
+
+
+def test_connect_from_a_source_address(p: Any) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as s:
+            assert p.connect(s.fileno(), "127.0.0.1", port, "127.0.0.1") is True  # loopback
+            assert s.getsockname()[0] == "127.0.0.1"
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            conn, _ = srv.accept()
+            conn.close()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as s:
+            assert p.connect(s.fileno(), "127.0.0.1", port, None) is True
+
+
+def test_connect_failures_carry_their_errno(p: Any) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as s:
+        try:
+            done = p.connect(s.fileno(), "127.0.0.1", closed, None)
+        except OSError as exc:
+            assert exc.errno == errno.ECONNREFUSED
+        else:  # refused after the call returned: the socket says so
+            assert done is False
+            select.select([], [s], [], 5)
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as s:
+        with pytest.raises(OSError) as exc:  # a source address this host does not have
+            p.connect(s.fileno(), "127.0.0.1", closed, "192.0.2.1")
+        assert exc.value.errno == errno.EADDRNOTAVAIL
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as s:
+        with pytest.raises(OSError, match="not an IP address"):  # never a name lookup
+            p.connect(s.fileno(), "localhost", closed, None)
+
+
+def test_forward_sends_one_read_on(pair: Pair, p: Any) -> None:
+    assert p.forward(pair.c.fileno(), pair.u.fileno()) is None  # nothing there
+    pair.client.send(b"request")
+    assert p.forward(pair.c.fileno(), pair.u.fileno()) is None  # all forwarded
+    assert pair.upstream.recv(100) == b"request"
+    while True:  # the upstream side takes nothing more
+        try:
+            pair.u.send(b"f" * 65536)
+        except BlockingIOError:
+            break
+    pair.client.send(b"held")
+    assert p.forward(pair.c.fileno(), pair.u.fileno()) == (4, b"held")
+    pair.client.shutdown(socket.SHUT_WR)
+    assert p.forward(pair.c.fileno(), pair.u.fileno()) == (0, None)  # the FIN

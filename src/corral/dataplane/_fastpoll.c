@@ -37,6 +37,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -282,6 +285,46 @@ forward(Poller *self, int fd, int peer, uint32_t ev, PyObject *out)
     }
 }
 
+/* forward(fd, peer): what poll() does for a plain read of fd, called directly (a connection
+ * whose upstream just connected forwards the request at once): None when all was forwarded
+ * (or nothing was there), else (got, rest) as in poll()'s entries. */
+static PyObject *
+Poller_forward(Poller *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd, peer;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "forward(fd, peer)");
+        return NULL;
+    }
+    if (as_fd(args[0], &fd) < 0 || as_fd(args[1], &peer) < 0)
+        return NULL;
+    if (fd < 0 || ensure_size(self, fd) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative file descriptor");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    if (forward(self, fd, peer, EPOLLIN, out) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyObject *result = Py_None;
+    if (PyList_GET_SIZE(out)) {
+        PyObject *entry = PyList_GET_ITEM(out, 0); /* (fd, events, got, rest) */
+        result = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 2), PyTuple_GET_ITEM(entry, 3));
+        if (result == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    } else {
+        Py_INCREF(result);
+    }
+    Py_DECREF(out);
+    return result;
+}
+
 /* poll(maxevents=256): take ready events without waiting; forward what is plain forwarding;
  * return the rest for Python (see the top of this file). */
 static PyObject *
@@ -330,6 +373,133 @@ error:
     return NULL;
 }
 
+/* A peer address as Python's socket module gives it: (host, port) or, for IPv6,
+ * (host, port, flowinfo, scope_id); None for another family. */
+static PyObject *
+peer_address(const struct sockaddr_storage *ss)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof host) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo),
+                             a->sin6_scope_id);
+    }
+    Py_RETURN_NONE;
+}
+
+/* accept(fd): (new descriptor, peer address) of the next connection on listening socket fd,
+ * or None if there is none; the new socket is non-blocking, close-on-exec and TCP_NODELAY
+ * (one call instead of Python's accept, setblocking and setsockopt). */
+static PyObject *
+Poller_accept(Poller *self, PyObject *arg)
+{
+    int lfd;
+    if (as_fd(arg, &lfd) < 0)
+        return NULL;
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    memset(&ss, 0, sizeof ss);
+    int fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int one = 1;
+    /* A failure means the connection is gone already: its first read will say so. */
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    PyObject *peer = peer_address(&ss);
+    if (peer == NULL) {
+        close(fd);
+        return NULL;
+    }
+    return Py_BuildValue("(iN)", fd, peer);
+}
+
+/* An IP address literal and a port as a socket address (no name resolution, ever). */
+static int
+ip_address(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof *ss);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+        *len = sizeof *a4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+        *len = sizeof *a6;
+        return 0;
+    }
+    PyErr_Format(PyExc_OSError, "not an IP address: %s", host);
+    return -1;
+}
+
+/* connect(fd, host, port, source): start connecting socket fd (non-blocking) to host:port,
+ * from address source (None: the kernel's choice), as proxy.open_upstream does in Python:
+ * TCP_NODELAY, the source address bound without a port (IP_BIND_ADDRESS_NO_PORT: connect()
+ * picks one free for this destination), connect().  True if the handshake is done already
+ * (to a local task it is), False if it is under way; OSError if it failed at once. */
+static PyObject *
+Poller_connect(Poller *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "connect(fd, host, port, source)");
+        return NULL;
+    }
+    int fd, port;
+    if (as_fd(args[0], &fd) < 0 || as_fd(args[2], &port) < 0)
+        return NULL;
+    const char *host = PyUnicode_AsUTF8(args[1]);
+    if (host == NULL)
+        return NULL;
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return NULL;
+    }
+    struct sockaddr_storage to;
+    socklen_t tolen;
+    if (ip_address(host, port, &to, &tolen) < 0)
+        return NULL;
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (args[3] != Py_None) {
+        const char *source = PyUnicode_AsUTF8(args[3]);
+        if (source == NULL)
+            return NULL;
+        struct sockaddr_storage from;
+        socklen_t fromlen;
+        if (ip_address(source, 0, &from, &fromlen) < 0)
+            return NULL;
+#ifdef IP_BIND_ADDRESS_NO_PORT
+        (void)setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+#endif
+        if (bind(fd, (struct sockaddr *)&from, fromlen) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (connect(fd, (struct sockaddr *)&to, tolen) == 0)
+        Py_RETURN_TRUE;
+    if (errno != EINPROGRESS)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    /* Connected already?  Only then has it a peer (to a local task it has, by now). */
+    struct sockaddr_storage peer;
+    socklen_t peerlen = sizeof peer;
+    return PyBool_FromLong(getpeername(fd, (struct sockaddr *)&peer, &peerlen) == 0);
+}
+
 static PyObject *
 Poller_fileno(Poller *self, PyObject *Py_UNUSED(ignored))
 {
@@ -365,8 +535,15 @@ static PyMethodDef Poller_methods[] = {
      "forget(fd): fd is about to be closed: stop forwarding it."},
     {"take_busy", (PyCFunction)(void (*)(void))Poller_take_busy, METH_FASTCALL,
      "take_busy(*fds): whether any of fds forwarded a read since the last look; clears them."},
+    {"forward", (PyCFunction)(void (*)(void))Poller_forward, METH_FASTCALL,
+     "forward(fd, peer): one plain read of fd sent to peer; None, or (got, rest) as poll()."},
     {"poll", (PyCFunction)(void (*)(void))Poller_poll, METH_FASTCALL,
      "poll(maxevents=256): forward plain reads; return [(fd, events, got, rest)] for the rest."},
+    {"accept", (PyCFunction)Poller_accept, METH_O,
+     "accept(fd): (descriptor, peer) of the next connection on fd (non-blocking, NODELAY), "
+     "or None."},
+    {"connect", (PyCFunction)(void (*)(void))Poller_connect, METH_FASTCALL,
+     "connect(fd, host, port, source): start connecting fd; True if done already."},
     {"fileno", (PyCFunction)Poller_fileno, METH_NOARGS, "fileno(): the epoll descriptor."},
     {"close", (PyCFunction)Poller_close, METH_NOARGS, "close(): close the set (idempotent)."},
     {NULL, NULL, 0, NULL},

@@ -160,6 +160,15 @@ class Reactor:
         # failed).
         self.got = 0
         self.rest: bytes | None = None
+        # C's accept (non-blocking and TCP_NODELAY in one call) and upstream connect (options,
+        # bind and connect in one call), or None: the caller does them in Python.
+        self.accept: Callable[[int], tuple[int, Any] | None] | None = (
+            self._poller.accept if self.fast else None)
+        self.connect: Callable[[int, str, int, str | None], bool] | None = (
+            self._poller.connect if self.fast else None)
+        # C's forwarding of one plain read, called directly: None (all done) or (got, rest).
+        self.forward: Callable[[int, int], tuple[int, bytes | None] | None] | None = (
+            self._poller.forward if self.fast else None)
         loop.add_reader(self._poller.fileno(), self._ready_fast if self.fast else self._ready)
 
     def register(self, fd: int, events: int, handler: Handler, peer: int = -1) -> None:
