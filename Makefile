@@ -5,8 +5,9 @@ CORRAL := $(VENV)/bin/corral
 
 .PHONY: demo test unit integration install install-test bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py src/corral/dataplane/_fastpoll.c
+$(VENV)/.installed: pyproject.toml setup.py src/corral/dataplane/_fastpoll.c scripts/build-deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
+	./scripts/build-deps.sh $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
 	touch $@

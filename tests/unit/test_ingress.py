@@ -81,10 +81,10 @@ class EchoBackend:
 
 
 @contextlib.asynccontextmanager
-async def cluster(n: int) -> Any:
-    """n echo backends plus a mesh on 127.0.0.1, all torn down on exit."""
+async def cluster(n: int, listen: str = "127.0.0.1") -> Any:
+    """n echo backends plus a mesh on `listen`, all torn down on exit."""
     backends = [await EchoBackend(f"b{i}").start() for i in range(n)]
-    mesh = IngressMesh("127.0.0.1", connect_timeout=1.0)
+    mesh = IngressMesh(listen, connect_timeout=1.0)
     writers: list[asyncio.StreamWriter] = []
     try:
         yield mesh, backends, writers
@@ -131,6 +131,19 @@ def test_round_robin_each_backend_twice(run: Callable[[Scenario], None]) -> None
             assert [b.hits for b in bs] == [2, 2, 2]
             st = mesh.stats(pp)
             assert (st.total, st.failed_connects, st.rejected) == (6, 0, 0)
+
+    run(scenario)
+
+
+def test_a_listen_address_given_as_a_name(run: Callable[[Scenario], None]) -> None:
+    """The mesh's upstream connections leave from its listen address; a host name there is
+    resolved (Python's path: the C connect takes IP literals only)."""
+    async def scenario() -> None:
+        async with cluster(2, listen="localhost") as (mesh, bs, writers):
+            port = free_port()
+            assert await mesh.apply({PublishedPort(port): [b.backend for b in bs]}) == {}
+            assert [await hello(port, writers) for _ in range(4)] == ["b0", "b1", "b0", "b1"]
+            assert (mesh.stats(port).failed_connects, mesh.stats(port).rejected) == (0, 0)
 
     run(scenario)
 

@@ -1,11 +1,13 @@
-/* The mesh's readiness set with its steady-state forwarding done in C (Linux, epoll).
+/* The mesh's readiness set with its mechanical steps done in C (Linux, epoll).
  *
  * Why: on keep-alive traffic the mesh's work per request is two readiness events, each one
  * read and one send.  The kernel part of that is as cheap as HAProxy's; what Python added on
  * top (one event dispatch and a few method calls per event, ~3 us a request) was what kept
- * the userspace mesh below HAProxy.  So the one step that repeats on every request is done
- * here, and everything else -- accepting, connecting, balancing, back-pressure, half-close,
- * splice, errors, timeouts -- stays in Python (corral.dataplane.proxy).
+ * the userspace mesh below HAProxy.  So the step that repeats on every request is done here,
+ * and so are the system calls of accepting a client and connecting upstream (one call from
+ * Python each instead of five).  Every decision -- which backend, retries, ejection,
+ * back-pressure, half-close, splice, errors, timeouts -- stays in Python
+ * (corral.dataplane.proxy), and no byte is held here across calls.
  *
  * How: Poller is an epoll set, with select.epoll's register/modify/unregister, plus a "peer"
  * for a descriptor that Python has made plain forwarding: registered for reading only
@@ -31,6 +33,10 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24 /* Linux 4.2; older C headers lack the name */
+#endif
 
 #include <errno.h>
 #include <limits.h>
@@ -180,7 +186,9 @@ control(Poller *self, PyObject *args, PyObject *kwds, int op)
     struct epoll_event ev = {.events = events, .data = {.fd = fd}};
     if (epoll_ctl(self->epfd, op, fd, &ev) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    self->peer[fd] = peer >= 0 ? peer + 1 : 0;
+    /* Forwarding only ever for a descriptor watched for reading alone (see the top). */
+    int plain = (events & EPOLLIN) && (events & ~(unsigned int)(EPOLLIN | EPOLLRDHUP)) == 0;
+    self->peer[fd] = (plain && peer >= 0 && peer < INT_MAX) ? peer + 1 : 0;
     Py_RETURN_NONE;
 }
 
@@ -352,7 +360,7 @@ Poller_poll(Poller *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *out = PyList_New(0);
     if (out == NULL)
-        return NULL;
+        return NULL; /* nothing was read yet: the events come again */
     for (int i = 0; i < n; i++) {
         int fd = self->events[i].data.fd;
         uint32_t ev = self->events[i].events;
@@ -362,15 +370,18 @@ Poller_poll(Poller *self, PyObject *const *args, Py_ssize_t nargs)
             rc = forward(self, fd, peer, ev, out);
         else
             rc = append(out, fd, ev, NOT_READ, Py_None);
-        if (rc < 0)
-            goto error;
+        if (rc < 0) {
+            /* Out of memory: what this event read may be lost, so that connection must not
+             * go on with a gap in its stream -- cut it (Python sees the error and closes).
+             * The other events of the batch are still delivered. */
+            PyErr_WriteUnraisable((PyObject *)self);
+            if (peer >= 0) {
+                shutdown(fd, SHUT_RDWR);
+                shutdown(peer, SHUT_RDWR);
+            }
+        }
     }
     return out;
-error:
-    /* Only out of memory gets here (the loop logs it); a rest that could not be kept is
-     * lost with it, as it would be in Python. */
-    Py_DECREF(out);
-    return NULL;
 }
 
 /* A peer address as Python's socket module gives it: (host, port) or, for IPv6,
@@ -417,14 +428,14 @@ Poller_accept(Poller *self, PyObject *arg)
     /* A failure means the connection is gone already: its first read will say so. */
     (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     PyObject *peer = peer_address(&ss);
-    if (peer == NULL) {
+    PyObject *result = peer == NULL ? NULL : Py_BuildValue("(iN)", fd, peer);
+    if (result == NULL)
         close(fd);
-        return NULL;
-    }
-    return Py_BuildValue("(iN)", fd, peer);
+    return result;
 }
 
-/* An IP address literal and a port as a socket address (no name resolution, ever). */
+/* An IP address literal and a port as a socket address (no name resolution, ever): 0, or -1
+ * if host is not a literal (a name, a scoped IPv6 address); no exception is set. */
 static int
 ip_address(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len)
 {
@@ -443,7 +454,6 @@ ip_address(const char *host, int port, struct sockaddr_storage *ss, socklen_t *l
         *len = sizeof *a6;
         return 0;
     }
-    PyErr_Format(PyExc_OSError, "not an IP address: %s", host);
     return -1;
 }
 
@@ -451,7 +461,8 @@ ip_address(const char *host, int port, struct sockaddr_storage *ss, socklen_t *l
  * from address source (None: the kernel's choice), as proxy.open_upstream does in Python:
  * TCP_NODELAY, the source address bound without a port (IP_BIND_ADDRESS_NO_PORT: connect()
  * picks one free for this destination), connect().  True if the handshake is done already
- * (to a local task it is), False if it is under way; OSError if it failed at once. */
+ * (to a local task it is), False if it is under way; OSError if it failed at once; None if
+ * host or source is not an IP literal (nothing done: Python's own path resolves names). */
 static PyObject *
 Poller_connect(Poller *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -469,24 +480,22 @@ Poller_connect(Poller *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
         return NULL;
     }
-    struct sockaddr_storage to;
-    socklen_t tolen;
+    struct sockaddr_storage to, from;
+    socklen_t tolen, fromlen = 0;
     if (ip_address(host, port, &to, &tolen) < 0)
-        return NULL;
-    int one = 1;
-    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        Py_RETURN_NONE;
     if (args[3] != Py_None) {
         const char *source = PyUnicode_AsUTF8(args[3]);
         if (source == NULL)
             return NULL;
-        struct sockaddr_storage from;
-        socklen_t fromlen;
         if (ip_address(source, 0, &from, &fromlen) < 0)
-            return NULL;
-#ifdef IP_BIND_ADDRESS_NO_PORT
+            Py_RETURN_NONE;
+    }
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (fromlen) {
         (void)setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-#endif
         if (bind(fd, (struct sockaddr *)&from, fromlen) < 0)
             return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -543,7 +552,8 @@ static PyMethodDef Poller_methods[] = {
      "accept(fd): (descriptor, peer) of the next connection on fd (non-blocking, NODELAY), "
      "or None."},
     {"connect", (PyCFunction)(void (*)(void))Poller_connect, METH_FASTCALL,
-     "connect(fd, host, port, source): start connecting fd; True if done already."},
+     "connect(fd, host, port, source): start connecting fd; True if done already, "
+     "None if an address is not an IP literal."},
     {"fileno", (PyCFunction)Poller_fileno, METH_NOARGS, "fileno(): the epoll descriptor."},
     {"close", (PyCFunction)Poller_close, METH_NOARGS, "close(): close the set (idempotent)."},
     {NULL, NULL, 0, NULL},

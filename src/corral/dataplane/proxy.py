@@ -331,7 +331,7 @@ _FIN = RDHUP | HUP
 
 
 def open_upstream(source: str | None, backend: Backend,
-                  connect: Callable[[int, str, int, str | None], bool] | None = None,
+                  connect: Callable[[int, str, int, str | None], bool | None] | None = None,
                   ) -> tuple[Sock, bool]:
     """A non-blocking socket connecting to `backend` (from address `source`, if given), and
     whether the handshake is done already (always, to a task on this node). Raises OSError
@@ -350,7 +350,10 @@ def open_upstream(source: str | None, backend: Backend,
     sock = Sock(family, socket.SOCK_STREAM | _NONBLOCK)
     try:
         if connect is not None and _NONBLOCK:
-            return sock, connect(sock.fileno(), backend.addr, backend.port, source)
+            done = connect(sock.fileno(), backend.addr, backend.port, source)
+            if done is not None:
+                return sock, done
+            # A name rather than an address (a listen address given as a host name): below.
         if not _NONBLOCK:
             sock.setblocking(False)
         sock.setsockopt(*_NODELAY)
@@ -421,8 +424,9 @@ class Connection:
         self.ueof = False  # the upstream sent EOF
         self.cmask = _UNWATCHED  # what each descriptor is watched for
         self.umask = _UNWATCHED
-        # Set on every read, cleared by the mesh's idle sweep: one store on the hot path
-        # instead of a clock read or a timer per connection.
+        # Set on every read Python does, cleared by the mesh's idle sweep: one store on the
+        # hot path instead of a clock read or a timer per connection (reads forwarded in C
+        # mark the reactor instead; take_busy() looks at both).
         self.busy = True
         self.pair: splice.SplicedPair | None = None  # the bulk phase (see _to_splice)
 

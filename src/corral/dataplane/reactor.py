@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import select
 import selectors
@@ -44,6 +45,8 @@ except ImportError:  # not built (no C compiler, not Linux): forwarding stays in
 
 __all__ = ["ERR", "FASTPOLL", "HUP", "IN", "OUT", "PUMPED", "RDHUP", "Reactor"]
 
+log = logging.getLogger(__name__)
+
 # epoll's event bits (the same values are used with the portable fallback below).
 IN: int = getattr(select, "EPOLLIN", 0x001)
 OUT: int = getattr(select, "EPOLLOUT", 0x004)
@@ -51,6 +54,7 @@ ERR: int = getattr(select, "EPOLLERR", 0x008)
 HUP: int = getattr(select, "EPOLLHUP", 0x010)
 RDHUP: int = getattr(select, "EPOLLRDHUP", 0x2000)  # the peer sent FIN (Linux)
 # Not epoll's: the event is what the C forwarding left over (see Reactor.got and .rest).
+# (EPOLLEXCLUSIVE's value, which is only ever an input flag: epoll never reports it.)
 PUMPED = 1 << 28
 
 # Whether reactors forward in C (the compiled module is there and not turned off).
@@ -164,7 +168,7 @@ class Reactor:
         # bind and connect in one call), or None: the caller does them in Python.
         self.accept: Callable[[int], tuple[int, Any] | None] | None = (
             self._poller.accept if self.fast else None)
-        self.connect: Callable[[int, str, int, str | None], bool] | None = (
+        self.connect: Callable[[int, str, int, str | None], bool | None] | None = (
             self._poller.connect if self.fast else None)
         # C's forwarding of one plain read, called directly: None (all done) or (got, rest).
         self.forward: Callable[[int, int], tuple[int, bytes | None] | None] | None = (
@@ -204,6 +208,12 @@ class Reactor:
         """Whether C forwarded a read of any of ``fds`` since the last look (clears them)."""
         return bool(self.fast and self._poller.take_busy(*fds))
 
+    def _failed(self, exc: Exception, fd: int) -> None:
+        """A handler raised: report it as the loop would, and go on with the batch."""
+        self.loop.call_exception_handler({
+            "message": f"mesh: handling an event of descriptor {fd} failed",
+            "exception": exc})
+
     def _ready(self) -> None:
         handlers, gone = self._handlers, self._gone
         gone.clear()
@@ -212,22 +222,34 @@ class Reactor:
                 continue
             handler = handlers.get(fd)
             if handler is not None:
-                handler(events)
+                try:
+                    handler(events)
+                except Exception as exc:  # one connection's trouble is not the batch's
+                    self._failed(exc, fd)
 
     def _ready_fast(self) -> None:
-        # C has forwarded the plain reads of the batch; the rest is ours.
+        # C has forwarded the plain reads of the batch; the rest is ours. Every entry must be
+        # handled, whatever an earlier handler did: C has already read the bytes it carries
+        # (an unhandled event of the Python path simply comes again; these would not).
         handlers, gone = self._handlers, self._gone
         gone.clear()
         for fd, events, got, rest in self._poller.poll(BATCH):
             if fd in gone:
                 continue
             handler = handlers.get(fd)
-            if handler is not None:
+            if handler is None:
+                if rest:  # cannot happen while the move to splice waits for the batch's end
+                    log.error("mesh: %d bytes read from descriptor %d had no connection",
+                              len(rest), fd)
+                continue
+            try:
                 if got == -1:  # C did nothing with it (_fastpoll.NOT_READ)
                     handler(events)
                 else:
                     self.got, self.rest = got, rest
                     handler(events | PUMPED)
+            except Exception as exc:
+                self._failed(exc, fd)
 
     def close(self) -> None:
         """Stop watching the set and close it (idempotent; sockets are their owners' to close)."""
