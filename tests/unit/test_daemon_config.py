@@ -126,3 +126,14 @@ def test_the_daemon_command_leaves_the_rest_of_the_cli_unloaded() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["1", "False", "False"]
     assert out.stderr.strip() == "Error: invalid --runtime 'bogus': expected process, netns or auto"
+
+
+def test_the_daemon_does_not_load_httpx_command_line() -> None:
+    # httpx pulls in its own command line (rich, pygments) when they are installed: ~3.5 MB
+    # in every daemon for nothing. The daemon's modules still use httpx itself.
+    code = ("import sys\n"
+            "import corral.daemon.daemon, httpx\n"
+            "httpx.Client().close()\n"
+            "print('pygments' in sys.modules, 'rich' in sys.modules, 'httpx' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False", "True"], out.stderr
