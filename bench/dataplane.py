@@ -834,7 +834,8 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
     tmp.chmod(0o755)  # nginx workers run as nobody and must read bulk.bin
     procs = Processes(tmp)
     try:
-        log(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+        load_at_start = os.getloadavg()[0]
+        log(f"load average {load_at_start:.2f} on {os.cpu_count()} CPUs; "
             f"starting backends and proxies in {tmp}")
         start_backends(procs, tmp)
         start_mesh(procs, by_key["corral"])
@@ -898,7 +899,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
               f"bulk = best of {BULK_RUNS} curl downloads of 100 MiB; each figure the median "
               f"of {repeat} rounds, each ratio the median of the rounds' ratios (compared "
               f"paths run back to back); {CORES} CPUs; load average at start "
-              f"{os.getloadavg()[0]:.2f}")
+              f"{load_at_start:.2f}, at the end {os.getloadavg()[0]:.2f}")
         print(f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}; "
               f"{version(['nft', '--version'])}; kernel {os.uname().release}")
         print(render_table(paths, results, runs))
