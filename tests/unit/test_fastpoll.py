@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import select
 import socket
 from collections.abc import Iterator
@@ -355,3 +356,27 @@ def test_a_failing_handler_does_not_cost_the_rest_of_the_batch(pair: Pair) -> No
         loop.close()
         other_a.close()
         other_b.close()
+
+
+def test_descriptors_beyond_the_first_table_size(pair: Pair, p: Any) -> None:
+    """The peer table grows with the descriptor numbers (a busy mesh holds thousands)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 5000
+    if max(soft, hard if hard != resource.RLIM_INFINITY else high + 1) <= high:
+        pytest.skip(f"may not open descriptor {high} here")
+    if soft <= high:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (high + 1, hard))
+    try:
+        os.dup2(pair.c.fileno(), high)
+        try:
+            p.register(high, READ, pair.u.fileno())
+            pair.client.send(b"far")
+            wait(p)
+            assert p.poll() == []
+            assert pair.upstream.recv(10) == b"far"
+            assert p.take_busy(high) is True
+            p.forget(high)
+        finally:
+            os.close(high)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
