@@ -34,10 +34,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#ifndef IP_BIND_ADDRESS_NO_PORT
-#define IP_BIND_ADDRESS_NO_PORT 24 /* Linux 4.2; older C headers lack the name */
-#endif
-
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
@@ -49,6 +45,10 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24 /* Linux 4.2; older C headers lack the name */
+#endif
 
 #define NOT_READ (-1)
 #define READ_FAILED (-2)
@@ -365,17 +365,15 @@ Poller_poll(Poller *self, PyObject *const *args, Py_ssize_t nargs)
         int fd = self->events[i].data.fd;
         uint32_t ev = self->events[i].events;
         int peer = (fd < self->size) ? self->peer[fd] - 1 : -1;
-        int rc;
-        if (peer >= 0 && (ev & ~(uint32_t)(EPOLLRDHUP | EPOLLHUP)) == EPOLLIN)
-            rc = forward(self, fd, peer, ev, out);
-        else
-            rc = append(out, fd, ev, NOT_READ, Py_None);
+        int plain = peer >= 0 && (ev & ~(uint32_t)(EPOLLRDHUP | EPOLLHUP)) == EPOLLIN;
+        int rc = plain ? forward(self, fd, peer, ev, out)
+                       : append(out, fd, ev, NOT_READ, Py_None);
         if (rc < 0) {
-            /* Out of memory: what this event read may be lost, so that connection must not
-             * go on with a gap in its stream -- cut it (Python sees the error and closes).
-             * The other events of the batch are still delivered. */
+            /* Out of memory.  An untouched event comes again; but what a forwarding read took
+             * may be lost, so that connection must not go on with a gap in its stream: cut it
+             * (Python sees the error and closes).  The other events are still delivered. */
             PyErr_WriteUnraisable((PyObject *)self);
-            if (peer >= 0) {
+            if (plain) {
                 shutdown(fd, SHUT_RDWR);
                 shutdown(peer, SHUT_RDWR);
             }
