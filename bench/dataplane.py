@@ -86,6 +86,12 @@ STREAM_MODULE = pathlib.Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 NS_NODE = ("10.98.200.1", 18080)  # the "node address" and published port: corral's DNAT
 NS_BACKENDS = [("10.98.200.11", 18081), ("10.98.200.12", 18081), ("10.98.200.13", 18081)]
 NS_DIRECT = ("10.98.200.21", 18081)  # backend 1's second address, only for direct traffic
+# Tasks in a namespace of their own, behind a veth pair (as the netns runtime's tasks are, behind
+# a bridge): the node reaches them over a link and masquerades what it DNATs towards them.
+NS_LINK = ("10.98.201.1", 24)  # the node's side of the link
+NS_TASK_PORT = 18082  # the published port for them on NS_NODE[0]
+NS_TASK_BACKENDS = [("10.98.201.11", 18081), ("10.98.201.12", 18081), ("10.98.201.13", 18081)]
+NS_TASK_DIRECT = ("10.98.201.21", 18081)
 # Conntrack's TIME_WAIT timeout inside the namespace (default 120 s): new-connection runs open
 # ~40k connections a second, which would otherwise fill the conntrack table (262,144 entries).
 NS_CT_TIME_WAIT = 2
@@ -413,6 +419,7 @@ class BenchNetns:
 
     def __init__(self) -> None:
         self.name = f"corral-bench-{secrets.token_hex(4)}"
+        self.tasks = f"{self.name}-t"  # the tasks' namespace, behind a veth pair
         self.created = False
 
     def _ip(self, *args: str) -> None:
@@ -426,6 +433,15 @@ class BenchNetns:
         self._ip("-n", self.name, "link", "set", "lo", "up")
         for addr in {NS_NODE[0], *(a for a, _ in NS_BACKENDS), NS_DIRECT[0]}:
             self._ip("-n", self.name, "addr", "add", f"{addr}/32", "dev", "lo")
+        self._ip("netns", "add", self.tasks)
+        self._ip("-n", self.tasks, "link", "set", "lo", "up")
+        self._ip("-n", self.name, "link", "add", "veth0", "type", "veth",
+                 "peer", "name", "veth1", "netns", self.tasks)
+        self._ip("-n", self.name, "addr", "add", f"{NS_LINK[0]}/{NS_LINK[1]}", "dev", "veth0")
+        for addr in (*(a for a, _ in NS_TASK_BACKENDS), NS_TASK_DIRECT[0]):
+            self._ip("-n", self.tasks, "addr", "add", f"{addr}/{NS_LINK[1]}", "dev", "veth1")
+        self._ip("-n", self.name, "link", "set", "veth0", "up")
+        self._ip("-n", self.tasks, "link", "set", "veth1", "up")
 
     def set_ct_time_wait(self, seconds: int) -> str:
         """Conntrack's TCP TIME_WAIT timeout in the namespace; returns a note if refused."""
@@ -440,16 +456,17 @@ class BenchNetns:
     def delete(self) -> None:
         if not self.created:
             return
-        # Anything still running in there is ours (nginx, wrk, curl): kill it by pid.
-        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
-                              text=True, timeout=10).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        # Deleting the namespace also removes its nft table and conntrack entries.
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+        for name in (self.tasks, self.name):
+            # Anything still running in there is ours (nginx, wrk, curl): kill it by pid.
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                  text=True, timeout=10).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            # Deleting a namespace also removes its links, nft table and conntrack entries.
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
         self.created = False
 
 
@@ -484,13 +501,21 @@ def start_kernel_paths(procs: Processes, tmp: pathlib.Path, ns: BenchNetns) -> l
         "nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "ns-backends.error.log")]))
     for addr, port in [*NS_BACKENDS, NS_DIRECT]:
         wait_listening_netns(ns.name, addr, port, proc, procs, "ns-backends")
+    conf = tmp / "ns-tasks.conf"
+    conf.write_text(backend_conf(tmp, NS_TASK_BACKENDS, NS_TASK_DIRECT, "ns-tasks"))
+    tasks = procs.start("ns-tasks", in_netns(ns.tasks, [
+        "nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "ns-tasks.error.log")]))
+    for addr, port in [*NS_TASK_BACKENDS, NS_TASK_DIRECT]:
+        wait_listening_netns(ns.name, addr, port, tasks, procs, "ns-tasks")
     # corral's own kernel fast path, exactly as a node renders and applies it.
-    rule = IngressRule(NS_NODE[1], "tcp", tuple(NS_BACKENDS))
+    rules = [IngressRule(NS_NODE[1], "tcp", tuple(NS_BACKENDS)),
+             IngressRule(NS_TASK_PORT, "tcp", tuple(NS_TASK_BACKENDS))]
     try:
-        nft_apply(render_ingress_table(NS_NODE[0], [rule]), netns=ns.name)
+        nft_apply(render_ingress_table(NS_NODE[0], rules), netns=ns.name)
     except NftError as exc:
         raise RuntimeError(f"nft refused corral's ingress table: {exc}") from exc
     wait_listening_netns(ns.name, *NS_NODE, proc, procs, "ns-backends")
+    wait_listening_netns(ns.name, NS_NODE[0], NS_TASK_PORT, tasks, procs, "ns-tasks")
     return notes
 
 
@@ -759,14 +784,18 @@ def render_table(paths: Sequence[Path], results: dict[str, Results],
 
 def kernel_note(netns: str) -> str:
     first, last = NS_BACKENDS[0][0], NS_BACKENDS[-1][0].rsplit(".", 1)[1]
-    return (f"note: 'direct in netns' and 'corral kernel (nftables)' run inside the throwaway "
-            f"namespace {netns}: their own nginx backends (1 worker, {first}-{last}:"
-            f"{NS_BACKENDS[0][1]}, direct on {NS_DIRECT[0]}), wrk and curl in there too. The "
-            f"kernel row is corral's render_ingress_table() DNATing {NS_NODE[0]}:{NS_NODE[1]} "
-            f"in the nat output hook (numgen round-robin, masquerade); conntrack is on in the "
-            f"namespace for both rows. '× ns-direct' compares the kernel row with direct in "
-            f"netns (same namespace and backends); its 'direct'/'haproxy' ratios cross into the "
-            f"root namespace's run (other backend processes, same load generator settings).")
+    tfirst, tlast = NS_TASK_BACKENDS[0][0], NS_TASK_BACKENDS[-1][0].rsplit(".", 1)[1]
+    return (f"note: the kernel rows run inside the throwaway namespace {netns} (wrk and curl "
+            f"in there too), with corral's render_ingress_table() DNATing in the nat output "
+            f"hook (numgen round-robin); conntrack is on there for every row. 'corral kernel' "
+            f"goes to {NS_NODE[0]}:{NS_NODE[1]}, backends on the namespace's own addresses "
+            f"(an nginx with 1 worker on {first}-{last}:{NS_BACKENDS[0][1]}, as process tasks "
+            f"listen), which need no source NAT; 'tasks in a netns' goes to "
+            f"{NS_NODE[0]}:{NS_TASK_PORT}, backends behind a veth pair in {netns}-t ({tfirst}-"
+            f"{tlast}, another such nginx, as the netns runtime's tasks), masqueraded. Each "
+            f"is compared with direct traffic to its own backends ('× ns-direct', "
+            f"'× task-direct'); their 'direct'/'haproxy' ratios cross into the root "
+            f"namespace's run (other backend processes, same load generator settings).")
 
 
 def print_memory(paths: dict[str, Path], mem_path: Path, memory: Memory,
@@ -787,8 +816,8 @@ def print_memory(paths: dict[str, Path], mem_path: Path, memory: Memory,
 # run right next to it (the kernel path after direct in netns, each mesh row after its HAProxy
 # and before the floor), so a ratio sees the same background load. Every other round runs the
 # list backwards, so neither side of a pair always goes first.
-RUN_ORDER = ["direct", "ns-direct", "kernel", "haproxy", "corral", "floor", "nginx",
-             "haproxy2", "corral2"]
+RUN_ORDER = ["direct", "ns-direct", "kernel", "task-direct", "kernel-tasks", "haproxy", "corral",
+             "floor", "nginx", "haproxy2", "corral2"]
 
 LOADS: list[tuple[str, Callable[[Path, float, Results], str]]] = [
     ("keep-alive", keepalive),
@@ -819,6 +848,10 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
              extra_refs=("haproxy2",)),
         Path("kernel", "corral kernel (nftables)", *NS_NODE, netns=ns.name,
              extra_refs=("ns-direct",)),
+        Path("task-direct", "direct to a task netns (1 backend)", *NS_TASK_DIRECT,
+             netns=ns.name),
+        Path("kernel-tasks", "corral kernel, tasks in a netns", NS_NODE[0], NS_TASK_PORT,
+             netns=ns.name, extra_refs=("task-direct",)),
         Path("haproxy", "HAProxy mode tcp", "127.0.0.91", 19091),
         Path("haproxy2", f"HAProxy, {CORES} threads (default)", "127.0.0.94", 19094),
         Path("nginx", "nginx stream", "127.0.0.92", 19092),
@@ -859,7 +892,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
             notes += start_kernel_paths(procs, tmp, ns)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             lines = str(exc).strip().splitlines()
-            for key in ("ns-direct", "kernel"):
+            for key in ("ns-direct", "kernel", "task-direct", "kernel-tasks"):
                 by_key[key].skipped = lines[-1].strip()[-200:] if lines else repr(exc)
 
         # Memory first, on the fresh mesh process, before the load runs grow its heap.
