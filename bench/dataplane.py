@@ -359,6 +359,9 @@ class Results:
     p50_s: float | None = None
     p99_s: float | None = None
     bulk_mbps: float | None = None
+    # CPU time (user + system) of the proxy's processes per request, µs (proxies only).
+    keepalive_cpu_us: float | None = None
+    newconn_cpu_us: float | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -409,6 +412,8 @@ def start_nginx_stream(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
     proc = procs.start("stream", ["nginx", "-p", f"{tmp}/", "-c", str(conf),
                                   "-e", str(tmp / "stream.error.log")])
     wait_listening(path.addr, path.port, proc, procs, "stream")
+    path.pid = proc.pid
+    path.pids.append(proc.pid)  # the master; cpu_seconds() adds its worker
 
 
 # ------------------------------------------------------------- the kernel (nft) path
@@ -565,9 +570,40 @@ def run_wrk(url: str, seconds: float, headers: Sequence[str] = (),
                   problems="; ".join(problems))
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of these processes (all their threads) and their children."""
+    ticks = 0
+    for pid in pids:
+        try:
+            children = [int(c) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except OSError:
+            children = []
+        for p in (pid, *children):
+            try:
+                fields = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / _CLK_TCK
+
+
+def measured_wrk(path: Path, seconds: float, headers: Sequence[str] = ()
+                 ) -> tuple[WrkRun, float | None]:
+    """A wrk run, and the CPU µs the path's processes spent per request during it."""
+    before = cpu_seconds(path.pids)
+    run = run_wrk(path.url, seconds, headers, netns=path.netns)
+    if not path.pids or not run.rps:
+        return run, None
+    return run, (cpu_seconds(path.pids) - before) / (run.rps * seconds) * 1e6
+
+
 def keepalive(path: Path, seconds: float, res: Results) -> str:
     run_wrk(path.url, 1, netns=path.netns)  # warm-up: caches, connection pools, the allocator
-    run = run_wrk(path.url, seconds, netns=path.netns)
+    run, res.keepalive_cpu_us = measured_wrk(path, seconds)
     res.keepalive_rps, res.p50_s, res.p99_s = run.rps, run.p50_s, run.p99_s
     if run.problems:
         res.notes.append(f"keep-alive: {run.problems}")
@@ -575,7 +611,7 @@ def keepalive(path: Path, seconds: float, res: Results) -> str:
 
 
 def new_connection(path: Path, seconds: float, res: Results) -> str:
-    run = run_wrk(path.url, seconds, ["Connection: close"], netns=path.netns)
+    run, res.newconn_cpu_us = measured_wrk(path, seconds, ["Connection: close"])
     res.newconn_rps = run.rps
     if run.problems:
         res.notes.append(f"new-conn: {run.problems}")
@@ -610,7 +646,9 @@ def median_results(runs: Sequence[Results]) -> Results:
         keepalive_rps=_median([r.keepalive_rps for r in runs]),
         newconn_rps=_median([r.newconn_rps for r in runs]),
         p50_s=_median([r.p50_s for r in runs]), p99_s=_median([r.p99_s for r in runs]),
-        bulk_mbps=_median([r.bulk_mbps for r in runs]), notes=notes)
+        bulk_mbps=_median([r.bulk_mbps for r in runs]),
+        keepalive_cpu_us=_median([r.keepalive_cpu_us for r in runs]),
+        newconn_cpu_us=_median([r.newconn_cpu_us for r in runs]), notes=notes)
 
 
 @dataclass
@@ -741,6 +779,18 @@ COLUMNS: list[tuple[str, Callable[[Results], float | None], Callable[[float | No
 ]
 
 
+def fmt_us(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f} µs"
+
+
+# The proxies' own cost, steadier than their rates when wrk, the backends and the proxy share
+# a few CPUs (lower is better).
+CPU_COLUMNS: list[tuple[str, Callable[[Results], float | None], Callable[[float | None], str]]] = [
+    ("CPU per keep-alive request", lambda r: r.keepalive_cpu_us, fmt_us),
+    ("CPU per new connection", lambda r: r.newconn_cpu_us, fmt_us),
+]
+
+
 def paired_ratio(rounds: Sequence[Results], ref_rounds: Sequence[Results],
                  get: Callable[[Results], float | None]) -> float | None:
     """The median over rounds of this round's figure / the reference's figure in that round
@@ -755,17 +805,19 @@ def paired_ratio(rounds: Sequence[Results], ref_rounds: Sequence[Results],
 
 def render_table(paths: Sequence[Path], results: dict[str, Results],
                  rounds: dict[str, list[Results]],
-                 references: Sequence[str] = ("direct", "haproxy")) -> str:
+                 references: Sequence[str] = ("direct", "haproxy"),
+                 columns: Sequence[tuple[str, Callable[[Results], float | None],
+                                         Callable[[float | None], str]]] = COLUMNS) -> str:
     """Rows = paths; each cell = the median figure (the median ratio to each reference path)."""
-    header = ["path", *(name for name, _, _ in COLUMNS)]
+    header = ["path", *(name for name, _, _ in columns)]
     rows = []
     for path in paths:
         if path.skipped:  # the reason is printed below the table
-            rows.append([path.label, *(["skipped"] * len(COLUMNS))])
+            rows.append([path.label, *(["skipped"] * len(columns))])
             continue
         res = results[path.key]
         row = [path.label]
-        for _, get, fmt in COLUMNS:
+        for _, get, fmt in columns:
             value = get(res)
             ratios = []
             for ref in (*references, *path.extra_refs):
@@ -826,7 +878,8 @@ LOADS: list[tuple[str, Callable[[Path, float, Results], str]]] = [
 ]
 
 
-def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
+def run(seconds: float, memory_only: bool = False, repeat: int = 3,
+        only: Sequence[str] = ()) -> int:
     notes = ensure_tools()
     for tool in ("wrk", "curl", "nginx"):
         if shutil.which(tool) is None:
@@ -858,6 +911,17 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
         Path("floor", "Python floor (bare epoll, no features)", "127.0.0.96", 19096),
     ]
     by_key = {p.key: p for p in paths}
+    if only:
+        unknown = sorted(set(only) - set(by_key))
+        if unknown:
+            print(f"dataplane bench: no path named {', '.join(unknown)} "
+                  f"(paths: {', '.join(RUN_ORDER)})")
+            return 2
+        # The chosen paths and the ones their ratios need.
+        chosen = {*only, *(ref for key in only for ref in by_key[key].extra_refs)}
+        for path in paths:
+            if path.key not in chosen:
+                path.skipped = "not chosen (--only)"
     if shutil.which("haproxy") is None:
         by_key["haproxy"].skipped = by_key["haproxy2"].skipped = "haproxy not installed"
     if not nginx_stream_available():
@@ -897,17 +961,20 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
 
         # Memory first, on the fresh mesh process, before the load runs grow its heap.
         mem_path = memory_path(by_key)
-        log(f"mesh memory: holding {HELD_CONNECTIONS:,} idle connections through "
-            f"{mem_path.label}…")
-        memory = hold_connections(mem_path, HELD_CONNECTIONS)
+        memory: Memory | None = None
+        if not only or memory_only:
+            log(f"mesh memory: holding {HELD_CONNECTIONS:,} idle connections through "
+                f"{mem_path.label}…")
+            memory = hold_connections(mem_path, HELD_CONNECTIONS)
         haproxy_memory = None
-        if not by_key["haproxy"].skipped:
+        if memory is not None and not by_key["haproxy"].skipped:
             # HAProxy gets as many as its maxconn allows (its descriptor limit is ours).
             count = min(HELD_CONNECTIONS, haproxy_maxconn() - FD_SPARE)
             log(f"HAProxy memory: holding {count:,} idle connections…")
             haproxy_memory = hold_connections(by_key["haproxy"], count)
 
         if memory_only:
+            assert memory is not None
             print_memory(by_key, mem_path, memory, haproxy_memory)
             return 0
         live = [p for p in paths if not p.skipped]
@@ -925,7 +992,8 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
             for key, res in reps.items():
                 runs[key].append(res)
         results = {key: median_results(rs) for key, rs in runs.items()}
-        memory.final_kb = total_rss_kb(mem_path.pids)
+        if memory is not None:
+            memory.final_kb = total_rss_kb(mem_path.pids)
 
         print()
         print(f"wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, {seconds:g}s per run; "
@@ -936,9 +1004,16 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3) -> int:
         print(f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}; "
               f"{version(['nft', '--version'])}; kernel {os.uname().release}")
         print(render_table(paths, results, runs))
+        proxies = [p for p in paths if p.pids and not p.skipped]
+        if proxies:
+            print()
+            print("CPU time (user + system) of each proxy's processes per request, from /proc "
+                  "(lower is better):")
+            print(render_table(proxies, results, runs, ("haproxy",), CPU_COLUMNS))
         if not by_key["kernel"].skipped:
             print(kernel_note(ns.name))
-        print_memory(by_key, mem_path, memory, haproxy_memory)
+        if memory is not None:
+            print_memory(by_key, mem_path, memory, haproxy_memory)
         for path in paths:
             if path.skipped:
                 print(f"note: {path.label} skipped: {path.skipped}")
@@ -966,13 +1041,18 @@ def main() -> int:
                         help="only the memory run (no load runs)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of all loads over all paths; figures are medians (default 3)")
+    parser.add_argument("--only", default="", metavar="PATHS",
+                        help="measure only these paths (comma-separated: "
+                             f"{', '.join(RUN_ORDER)}) and the ones their ratios need; "
+                             "no memory run. E.g. --only kernel,kernel-tasks --repeat 10")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    only = [key for key in args.only.split(",") if key]
     # SIGTERM unwinds like Ctrl-C, so the finally block cleans up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        return run(args.seconds, args.memory_only, args.repeat)
+        return run(args.seconds, args.memory_only, args.repeat, only)
     except KeyboardInterrupt:  # run() has already cleaned up in its finally block
         log("interrupted")
         return 130
