@@ -15,9 +15,10 @@ own loopback address:
 - Python floor: bench/floor_proxy.py, the least any Python proxy does per connection (one epoll
   loop, raw sockets, no features), to tell what corral's mesh costs from what Python costs;
 - corral kernel (nftables): corral's own ingress ruleset (nft_ingress.render_ingress_table,
-  applied with nft.apply) DNATing round-robin over 3 backends, run entirely inside a throwaway
-  network namespace (its own nginx backends, wrk and curl in there too, 10.98.200.0/24 on its
-  loopback), next to a "direct in netns" path measured the same way for reference.
+  applied with nft.apply) DNATing round-robin over 3 backends, in a throwaway network namespace
+  (the node): from the node itself to backends on its loopback (the issue's reference setup),
+  and from another host (a client namespace) to tasks in a namespace of their own (ingress as a
+  node of the netns runtime does it), each next to direct traffic measured the same way.
 
 Loads: keep-alive req/s (with p50/p99), a new connection per request, and 100 MB transfers,
 all of them `--repeat` times (default 3) over all paths; each figure is the median. Prints one
@@ -86,9 +87,11 @@ STREAM_MODULE = pathlib.Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 NS_NODE = ("10.98.200.1", 18080)  # the "node address" and published port: corral's DNAT
 NS_BACKENDS = [("10.98.200.11", 18081), ("10.98.200.12", 18081), ("10.98.200.13", 18081)]
 NS_DIRECT = ("10.98.200.21", 18081)  # backend 1's second address, only for direct traffic
-# Tasks in a namespace of their own, behind a veth pair (as the netns runtime's tasks are, behind
-# a bridge): the node reaches them over a link and masquerades what it DNATs towards them.
-NS_LINK = ("10.98.201.1", 24)  # the node's side of the link
+# Ingress as a node sees it: a client on another host (a namespace behind a second veth pair,
+# routed by the node) and tasks in a namespace of their own behind a link (as the netns
+# runtime's tasks are, behind a bridge; the kernel mesh runs only with that runtime).
+NS_LINK = ("10.98.201.1", 24)  # the node's side of the tasks' link
+NS_CLIENT_LINK = ("10.98.202.1", "10.98.202.2", 24)  # the node's and the client's side
 NS_TASK_PORT = 18082  # the published port for them on NS_NODE[0]
 NS_TASK_BACKENDS = [("10.98.201.11", 18081), ("10.98.201.12", 18081), ("10.98.201.13", 18081)]
 NS_TASK_DIRECT = ("10.98.201.21", 18081)
@@ -425,6 +428,7 @@ class BenchNetns:
     def __init__(self) -> None:
         self.name = f"corral-bench-{secrets.token_hex(4)}"
         self.tasks = f"{self.name}-t"  # the tasks' namespace, behind a veth pair
+        self.client = f"{self.name}-c"  # another host's, behind a second one
         self.created = False
 
     def _ip(self, *args: str) -> None:
@@ -447,6 +451,24 @@ class BenchNetns:
             self._ip("-n", self.tasks, "addr", "add", f"{addr}/{NS_LINK[1]}", "dev", "veth1")
         self._ip("-n", self.name, "link", "set", "veth0", "up")
         self._ip("-n", self.tasks, "link", "set", "veth1", "up")
+        node, client, bits = NS_CLIENT_LINK
+        self._ip("netns", "add", self.client)
+        self._ip("-n", self.client, "link", "set", "lo", "up")
+        self._ip("-n", self.name, "link", "add", "veth2", "type", "veth",
+                 "peer", "name", "veth3", "netns", self.client)
+        self._ip("-n", self.name, "addr", "add", f"{node}/{bits}", "dev", "veth2")
+        self._ip("-n", self.client, "addr", "add", f"{client}/{bits}", "dev", "veth3")
+        self._ip("-n", self.name, "link", "set", "veth2", "up")
+        self._ip("-n", self.client, "link", "set", "veth3", "up")
+        self._ip("-n", self.client, "route", "add", "default", "via", node)
+        # Direct traffic from the client reaches a task unchanged: the task answers it through
+        # the node (balanced traffic comes masqueraded, from the node's end of the link).
+        self._ip("-n", self.tasks, "route", "add", f"{client}/32", "via", NS_LINK[0])
+        # The node routes between the two links (in its own namespace only).
+        done = subprocess.run(in_netns(self.name, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]),
+                              capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot turn forwarding on in {self.name}: {done.stderr.strip()}")
 
     def set_ct_time_wait(self, seconds: int) -> str:
         """Conntrack's TCP TIME_WAIT timeout in the namespace; returns a note if refused."""
@@ -461,7 +483,7 @@ class BenchNetns:
     def delete(self) -> None:
         if not self.created:
             return
-        for name in (self.tasks, self.name):
+        for name in (self.client, self.tasks, self.name):
             # Anything still running in there is ours (nginx, wrk, curl): kill it by pid.
             pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
                                   text=True, timeout=10).stdout.split()
@@ -511,7 +533,7 @@ def start_kernel_paths(procs: Processes, tmp: pathlib.Path, ns: BenchNetns) -> l
     tasks = procs.start("ns-tasks", in_netns(ns.tasks, [
         "nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "ns-tasks.error.log")]))
     for addr, port in [*NS_TASK_BACKENDS, NS_TASK_DIRECT]:
-        wait_listening_netns(ns.name, addr, port, tasks, procs, "ns-tasks")
+        wait_listening_netns(ns.client, addr, port, tasks, procs, "ns-tasks")
     # corral's own kernel fast path, exactly as a node renders and applies it.
     rules = [IngressRule(NS_NODE[1], "tcp", tuple(NS_BACKENDS)),
              IngressRule(NS_TASK_PORT, "tcp", tuple(NS_TASK_BACKENDS))]
@@ -520,7 +542,7 @@ def start_kernel_paths(procs: Processes, tmp: pathlib.Path, ns: BenchNetns) -> l
     except NftError as exc:
         raise RuntimeError(f"nft refused corral's ingress table: {exc}") from exc
     wait_listening_netns(ns.name, *NS_NODE, proc, procs, "ns-backends")
-    wait_listening_netns(ns.name, NS_NODE[0], NS_TASK_PORT, tasks, procs, "ns-tasks")
+    wait_listening_netns(ns.client, NS_NODE[0], NS_TASK_PORT, tasks, procs, "ns-tasks")
     return notes
 
 
@@ -837,17 +859,19 @@ def render_table(paths: Sequence[Path], results: dict[str, Results],
 def kernel_note(netns: str) -> str:
     first, last = NS_BACKENDS[0][0], NS_BACKENDS[-1][0].rsplit(".", 1)[1]
     tfirst, tlast = NS_TASK_BACKENDS[0][0], NS_TASK_BACKENDS[-1][0].rsplit(".", 1)[1]
-    return (f"note: the kernel rows run inside the throwaway namespace {netns} (wrk and curl "
-            f"in there too), with corral's render_ingress_table() DNATing in the nat output "
-            f"hook (numgen round-robin); conntrack is on there for every row. 'corral kernel' "
-            f"goes to {NS_NODE[0]}:{NS_NODE[1]}, backends on the namespace's own addresses "
-            f"(an nginx with 1 worker on {first}-{last}:{NS_BACKENDS[0][1]}, as process tasks "
-            f"listen), which need no source NAT; 'tasks in a netns' goes to "
-            f"{NS_NODE[0]}:{NS_TASK_PORT}, backends behind a veth pair in {netns}-t ({tfirst}-"
-            f"{tlast}, another such nginx, as the netns runtime's tasks), masqueraded. Each "
-            f"is compared with direct traffic to its own backends ('× ns-direct', "
-            f"'× task-direct'); their 'direct'/'haproxy' ratios cross into the root "
-            f"namespace's run (other backend processes, same load generator settings).")
+    return (f"note: the kernel rows use corral's render_ingress_table() (numgen round-robin "
+            f"DNAT, masquerade) in the throwaway namespace {netns}, the node; conntrack is on "
+            f"there for every row. 'corral kernel': wrk and curl on the node itself (the nat "
+            f"output hook) to {NS_NODE[0]}:{NS_NODE[1]}, backends on its loopback (an nginx "
+            f"with 1 worker on {first}-{last}:{NS_BACKENDS[0][1]}): the setup of the issue's "
+            f"reference figures; '× ns-direct' compares it with wrk on the node straight to "
+            f"backend 1. 'another host → tasks': wrk and curl in {netns}-c, behind a veth pair, "
+            f"to {NS_NODE[0]}:{NS_TASK_PORT} (prerouting, forwarding), backends in {netns}-t "
+            f"behind another one ({tfirst}-{tlast}, another such nginx), as a node's ingress "
+            f"reaches the netns runtime's tasks (the only runtime with the kernel mesh); "
+            f"'× task-direct' compares it with that host's traffic routed by the node straight "
+            f"to a task. Their 'direct'/'haproxy' ratios cross into the root namespace's run "
+            f"(other backend processes, same load generator settings).")
 
 
 def print_memory(paths: dict[str, Path], mem_path: Path, memory: Memory,
@@ -901,10 +925,10 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3,
              extra_refs=("haproxy2",)),
         Path("kernel", "corral kernel (nftables)", *NS_NODE, netns=ns.name,
              extra_refs=("ns-direct",)),
-        Path("task-direct", "direct to a task netns (1 backend)", *NS_TASK_DIRECT,
-             netns=ns.name),
-        Path("kernel-tasks", "corral kernel, tasks in a netns", NS_NODE[0], NS_TASK_PORT,
-             netns=ns.name, extra_refs=("task-direct",)),
+        Path("task-direct", "another host → a task, routed (1 backend)", *NS_TASK_DIRECT,
+             netns=ns.client),
+        Path("kernel-tasks", "corral kernel: another host → tasks", NS_NODE[0], NS_TASK_PORT,
+             netns=ns.client, extra_refs=("task-direct",)),
         Path("haproxy", "HAProxy mode tcp", "127.0.0.91", 19091),
         Path("haproxy2", f"HAProxy, {CORES} threads (default)", "127.0.0.94", 19094),
         Path("nginx", "nginx stream", "127.0.0.92", 19092),

@@ -48,8 +48,6 @@ def test_round_robin_dnat_to_the_target_port() -> None:
     assert elems == [[[{"concat": ["tcp", 9200]}, {"jump": {"target": "p_tcp_9200"}}]]]
     (post,) = rules_of(r, "postrouting")
     assert post[-1] == {"masquerade": None}
-    assert {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
-                      "right": "local"}} in post, "a task on a node address is not source-NATed"
 
 
 def test_single_backend_local_traffic_and_empty_ports() -> None:

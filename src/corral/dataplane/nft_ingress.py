@@ -5,8 +5,7 @@ endpoint state, DNATs connections to `node address:published port` (from outside
 from the node itself: output) to the service's running tasks on their ingress-network address
 and target port, round-robin with `numgen`. Connections leaving towards a task are masqueraded
 to the node's address on the overlay, so a task on another node answers back through this
-node — as Swarm's ingress sandbox does; a task listening on one of the node's own addresses
-(the process runtime) answers from here anyway, so its connections keep the client's address. The table is replaced atomically on every change;
+node — as Swarm's ingress sandbox does. The table is replaced atomically on every change;
 established connections keep their translation in conntrack, so a removed backend gets no new
 connection while its existing ones finish.
 
@@ -196,14 +195,9 @@ def render_ingress_table(node_addr: str, rules: Sequence[IngressRule],
         cmds.append(_rule(table, chain, lookup))
     cmds.append(_chain(table, "postrouting", "postrouting", 100))
     # Replies must come back through this node: source-NAT what we DNATed towards the tasks.
-    # Not when the task's address is one of this node's own (process tasks): its replies are
-    # made here and pass this conntrack anyway, so the NAT would only cost a second route
-    # lookup per locally sent packet (kernel keep-alive ~0.8x direct with it, ~1.0x without)
-    # and hide the client's address from the task.
     cmds.append(_rule(table, "postrouting", [
         _match({"ct": {"key": "status"}}, "dnat", op="in"),
         _match({"meta": {"key": "mark"}}, LOCAL_MARK, op="!="),
-        _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local", op="!="),
         _match({"ct": {"key": "daddr", "family": "ip", "dir": "original"}}, addr),
         {"masquerade": None}]))
     return {"nftables": cmds}
