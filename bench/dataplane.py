@@ -1034,7 +1034,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3,
             print("CPU time (user + system) of each proxy's processes per request, from /proc "
                   "(lower is better):")
             print(render_table(proxies, results, runs, ("haproxy",), CPU_COLUMNS))
-        if not by_key["kernel"].skipped:
+        if any(not by_key[key].skipped for key in ("kernel", "kernel-tasks")):
             print(kernel_note(ns.name))
         if memory is not None:
             print_memory(by_key, mem_path, memory, haproxy_memory)
