@@ -22,11 +22,12 @@ own loopback address:
 
 Loads: keep-alive req/s (with p50/p99), a new connection per request, and 100 MB transfers,
 all of them `--repeat` times (default 3) over all paths; each figure is the median. Prints one
-table with each figure also as a ratio to direct and to HAProxy, then the mesh's
-resident memory idle and while holding 10,000 idle connections (and HAProxy's, for comparison). Needs root only to
-install wrk/haproxy/nginx when they are missing and for the namespace (without root the kernel rows
-are skipped). All traffic stays on 127.0.0.0/8 or inside the benchmark's own namespace; every
-process, the namespace and every temporary file are removed on exit, also on failure or Ctrl-C.
+table with each figure also as a ratio to direct and to HAProxy, a second with each proxy's
+CPU time per request, then the mesh's resident memory idle and while holding 10,000 idle
+connections (and HAProxy's, for comparison). Needs root only to install wrk/haproxy/nginx when
+they are missing and for the namespaces (without root the kernel rows are skipped). All
+traffic stays on 127.0.0.0/8 or inside the benchmark's own namespaces; every process, the
+namespaces and every temporary file are removed on exit, also on failure or Ctrl-C.
 See bench/README.md.
 """
 
@@ -416,14 +417,15 @@ def start_nginx_stream(procs: Processes, tmp: pathlib.Path, path: Path) -> None:
                                   "-e", str(tmp / "stream.error.log")])
     wait_listening(path.addr, path.port, proc, procs, "stream")
     path.pid = proc.pid
-    path.pids.append(proc.pid)  # the master; cpu_seconds() adds its worker
+    path.pids.append(proc.pid)  # the master, leading its worker's process group
 
 
 # ------------------------------------------------------------- the kernel (nft) path
 
 
 class BenchNetns:
-    """One throwaway network namespace for the kernel rows; :meth:`delete` removes it."""
+    """The kernel rows' throwaway namespaces (the node, a task namespace and a client
+    namespace, joined by veth pairs); :meth:`delete` removes them all."""
 
     def __init__(self) -> None:
         self.name = f"corral-bench-{secrets.token_hex(4)}"
@@ -484,16 +486,19 @@ class BenchNetns:
         if not self.created:
             return
         for name in (self.client, self.tasks, self.name):
-            # Anything still running in there is ours (nginx, wrk, curl): kill it by pid.
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                  text=True, timeout=10).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            # Deleting a namespace also removes its links, nft table and conntrack entries.
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+            try:
+                # Anything still running in there is ours (nginx, wrk, curl): kill it by pid.
+                pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                      text=True, timeout=10).stdout.split()
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except (ProcessLookupError, ValueError):
+                        pass
+                # Deleting a namespace also removes its links, nft table and conntrack entries.
+                subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+            except subprocess.TimeoutExpired:  # go on with the others
+                print(f"dataplane bench: could not remove namespace {name}", file=sys.stderr)
         self.created = False
 
 
@@ -552,6 +557,7 @@ def start_kernel_paths(procs: Processes, tmp: pathlib.Path, ns: BenchNetns) -> l
 @dataclass
 class WrkRun:
     rps: float
+    requests: int  # completed, as wrk counted them
     p50_s: float | None
     p99_s: float | None
     problems: str  # socket errors / non-2xx responses, "" when clean
@@ -586,7 +592,8 @@ def run_wrk(url: str, seconds: float, headers: Sequence[str] = (),
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.MULTILINE))
     problems = [line.strip() for line in out.splitlines()
                 if line.strip().startswith(("Socket errors", "Non-2xx"))]
-    return WrkRun(rps=float(rps.group(1)),
+    done = re.search(r"(\d+) requests in", out)
+    return WrkRun(rps=float(rps.group(1)), requests=int(done.group(1)) if done else 0,
                   p50_s=_duration(pct["50"]) if "50" in pct else None,
                   p99_s=_duration(pct["99"]) if "99" in pct else None,
                   problems="; ".join(problems))
@@ -596,19 +603,16 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of these processes (all their threads) and their children."""
-    ticks = 0
-    for pid in pids:
+    """User + system CPU time of the process groups these processes lead (every process is
+    started in a session of its own: see Processes), all threads included — so nginx's worker
+    counts with its master."""
+    groups, ticks = set(pids), 0
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
         try:
-            children = [int(c) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
-                        for c in (task / "children").read_text().split()]
-        except OSError:
-            children = []
-        for p in (pid, *children):
-            try:
-                fields = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # gone
-                continue
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone
+            continue
+        if int(fields[2]) in groups:  # the process group
             ticks += int(fields[11]) + int(fields[12])
     return ticks / _CLK_TCK
 
@@ -618,9 +622,9 @@ def measured_wrk(path: Path, seconds: float, headers: Sequence[str] = ()
     """A wrk run, and the CPU µs the path's processes spent per request during it."""
     before = cpu_seconds(path.pids)
     run = run_wrk(path.url, seconds, headers, netns=path.netns)
-    if not path.pids or not run.rps:
+    if not path.pids or not run.requests:
         return run, None
-    return run, (cpu_seconds(path.pids) - before) / (run.rps * seconds) * 1e6
+    return run, (cpu_seconds(path.pids) - before) / run.requests * 1e6
 
 
 def keepalive(path: Path, seconds: float, res: Results) -> str:
@@ -856,22 +860,23 @@ def render_table(paths: Sequence[Path], results: dict[str, Results],
     return "\n".join(lines)
 
 
-def kernel_note(netns: str) -> str:
+def kernel_note(ns: BenchNetns) -> str:
     first, last = NS_BACKENDS[0][0], NS_BACKENDS[-1][0].rsplit(".", 1)[1]
     tfirst, tlast = NS_TASK_BACKENDS[0][0], NS_TASK_BACKENDS[-1][0].rsplit(".", 1)[1]
     return (f"note: the kernel rows use corral's render_ingress_table() (numgen round-robin "
-            f"DNAT, masquerade) in the throwaway namespace {netns}, the node; conntrack is on "
-            f"there for every row. 'corral kernel': wrk and curl on the node itself (the nat "
-            f"output hook) to {NS_NODE[0]}:{NS_NODE[1]}, backends on its loopback (an nginx "
-            f"with 1 worker on {first}-{last}:{NS_BACKENDS[0][1]}): the setup of the issue's "
-            f"reference figures; '× ns-direct' compares it with wrk on the node straight to "
-            f"backend 1. 'another host → tasks': wrk and curl in {netns}-c, behind a veth pair, "
-            f"to {NS_NODE[0]}:{NS_TASK_PORT} (prerouting, forwarding), backends in {netns}-t "
-            f"behind another one ({tfirst}-{tlast}, another such nginx), as a node's ingress "
-            f"reaches the netns runtime's tasks (the only runtime with the kernel mesh); "
-            f"'× task-direct' compares it with that host's traffic routed by the node straight "
-            f"to a task. Their 'direct'/'haproxy' ratios cross into the root namespace's run "
-            f"(other backend processes, same load generator settings).")
+            f"DNAT, masquerade) in the throwaway namespace {ns.name}, the node; conntrack is "
+            f"on there for every row. 'corral kernel (nftables)': wrk and curl on the node "
+            f"itself (the nat output hook) to {NS_NODE[0]}:{NS_NODE[1]}, backends on its "
+            f"loopback (an nginx with 1 worker on {first}-{last}:{NS_BACKENDS[0][1]}): the "
+            f"setup of the issue's reference figures; '× ns-direct' compares it with wrk on "
+            f"the node straight to backend 1. 'corral kernel: another host → tasks': wrk and "
+            f"curl in {ns.client}, behind a veth pair, to {NS_NODE[0]}:{NS_TASK_PORT} "
+            f"(prerouting, forwarding), backends in {ns.tasks} behind another one ({tfirst}-"
+            f"{tlast}, another such nginx), as a node's ingress reaches the netns runtime's "
+            f"tasks (the only runtime with the kernel mesh); '× task-direct' compares it with "
+            f"that host's traffic routed by the node straight to a task. Their 'direct'/"
+            f"'haproxy' ratios cross into the root namespace's run (other backend processes, "
+            f"same load generator settings).")
 
 
 def print_memory(paths: dict[str, Path], mem_path: Path, memory: Memory,
@@ -889,7 +894,7 @@ def print_memory(paths: dict[str, Path], mem_path: Path, memory: Memory,
 
 
 # The order paths run in, within each load of a round: the paths each figure is compared with
-# run right next to it (the kernel path after direct in netns, each mesh row after its HAProxy
+# run right next to it (each kernel row after its direct path, each mesh row after its HAProxy
 # and before the floor), so a ratio sees the same background load. Every other round runs the
 # list backwards, so neither side of a pair always goes first.
 RUN_ORDER = ["direct", "ns-direct", "kernel", "task-direct", "kernel-tasks", "haproxy", "corral",
@@ -935,13 +940,8 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3,
         Path("floor", "Python floor (bare epoll, no features)", "127.0.0.96", 19096),
     ]
     by_key = {p.key: p for p in paths}
-    if only:
-        unknown = sorted(set(only) - set(by_key))
-        if unknown:
-            print(f"dataplane bench: no path named {', '.join(unknown)} "
-                  f"(paths: {', '.join(RUN_ORDER)})")
-            return 2
-        # The chosen paths and the ones their ratios need.
+    if only:  # (names checked by main)
+        # The chosen paths and the ones their own ratios need (× floor, × ns-direct, …).
         chosen = {*only, *(ref for key in only for ref in by_key[key].extra_refs)}
         for path in paths:
             if path.key not in chosen:
@@ -975,13 +975,16 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3,
             except RuntimeError as exc:
                 lines = str(exc).strip().splitlines()  # the last line says why (ALERT/emerg)
                 path.skipped = f"did not start: {lines[-1].strip()[-160:] if lines else exc}"
-        log(f"kernel rows: namespace {ns.name}, corral's ingress table…")
-        try:
-            notes += start_kernel_paths(procs, tmp, ns)
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            lines = str(exc).strip().splitlines()
-            for key in ("ns-direct", "kernel", "task-direct", "kernel-tasks"):
-                by_key[key].skipped = lines[-1].strip()[-200:] if lines else repr(exc)
+        kernel_rows = [by_key[key] for key in ("ns-direct", "kernel", "task-direct",
+                                                 "kernel-tasks") if not by_key[key].skipped]
+        if kernel_rows:
+            log(f"kernel rows: namespaces {ns.name}(-t, -c), corral's ingress table…")
+            try:
+                notes += start_kernel_paths(procs, tmp, ns)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                lines = str(exc).strip().splitlines()
+                for path in kernel_rows:
+                    path.skipped = lines[-1].strip()[-200:] if lines else repr(exc)
 
         # Memory first, on the fresh mesh process, before the load runs grow its heap.
         mem_path = memory_path(by_key)
@@ -1011,7 +1014,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3,
             for load_name, load in LOADS:
                 for path in (ordered if rep % 2 == 0 else ordered[::-1]):
                     summary = load(path, seconds, reps[path.key])
-                    log(f"  [{rep + 1}/{repeat}] {load_name:<28} {path.label:<34} {summary}")
+                    log(f"  [{rep + 1}/{repeat}] {load_name:<28} {path.label:<42} {summary}")
                     time.sleep(0.5)
             for key, res in reps.items():
                 runs[key].append(res)
@@ -1035,7 +1038,7 @@ def run(seconds: float, memory_only: bool = False, repeat: int = 3,
                   "(lower is better):")
             print(render_table(proxies, results, runs, ("haproxy",), CPU_COLUMNS))
         if any(not by_key[key].skipped for key in ("kernel", "kernel-tasks")):
-            print(kernel_note(ns.name))
+            print(kernel_note(ns))
         if memory is not None:
             print_memory(by_key, mem_path, memory, haproxy_memory)
         for path in paths:
@@ -1067,12 +1070,20 @@ def main() -> int:
                         help="rounds of all loads over all paths; figures are medians (default 3)")
     parser.add_argument("--only", default="", metavar="PATHS",
                         help="measure only these paths (comma-separated: "
-                             f"{', '.join(RUN_ORDER)}) and the ones their ratios need; "
+                             f"{', '.join(RUN_ORDER)}) and the ones their own ratios need "
+                             "(× floor, × ns-direct, …; name direct or haproxy to get those); "
                              "no memory run. E.g. --only kernel,kernel-tasks --repeat 10")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    only = [key for key in args.only.split(",") if key]
+    only = [key.strip() for key in args.only.split(",") if key.strip()]
+    unknown = sorted(set(only) - set(RUN_ORDER))
+    if unknown:
+        parser.error(f"--only: no path named {', '.join(unknown)} "
+                     f"(paths: {', '.join(RUN_ORDER)})")
+    if only and args.memory_only:
+        parser.error("--only and --memory-only exclude each other (the memory run needs "
+                     "the mesh and HAProxy)")
     # SIGTERM unwinds like Ctrl-C, so the finally block cleans up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
