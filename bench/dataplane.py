@@ -518,6 +518,19 @@ def wait_listening_netns(netns: str, addr: str, port: int, proc: subprocess.Pope
         time.sleep(0.1)
 
 
+def start_ns_backends(procs: Processes, tmp: pathlib.Path, name: str, netns: str,
+                      backends: Sequence[tuple[str, int]], direct: tuple[str, int], *,
+                      probe_from: str) -> subprocess.Popen[bytes]:
+    """An nginx like the root namespace's backends, in ``netns``, answering from ``probe_from``."""
+    conf = tmp / f"{name}.conf"
+    conf.write_text(backend_conf(tmp, backends, direct, name))
+    proc = procs.start(name, in_netns(netns, [
+        "nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / f"{name}.error.log")]))
+    for addr, port in [*backends, direct]:
+        wait_listening_netns(probe_from, addr, port, proc, procs, name)
+    return proc
+
+
 def start_kernel_paths(procs: Processes, tmp: pathlib.Path, ns: BenchNetns) -> list[str]:
     """Namespace, its own backends, corral's ingress table; returns notes. Raises if unusable."""
     if os.geteuid() != 0:
@@ -527,18 +540,10 @@ def start_kernel_paths(procs: Processes, tmp: pathlib.Path, ns: BenchNetns) -> l
             raise RuntimeError(f"{tool} not installed")
     ns.create()
     notes = [note for note in [ns.set_ct_time_wait(NS_CT_TIME_WAIT)] if note]
-    conf = tmp / "ns-backends.conf"
-    conf.write_text(backend_conf(tmp, NS_BACKENDS, NS_DIRECT, "ns-backends"))
-    proc = procs.start("ns-backends", in_netns(ns.name, [
-        "nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "ns-backends.error.log")]))
-    for addr, port in [*NS_BACKENDS, NS_DIRECT]:
-        wait_listening_netns(ns.name, addr, port, proc, procs, "ns-backends")
-    conf = tmp / "ns-tasks.conf"
-    conf.write_text(backend_conf(tmp, NS_TASK_BACKENDS, NS_TASK_DIRECT, "ns-tasks"))
-    tasks = procs.start("ns-tasks", in_netns(ns.tasks, [
-        "nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "ns-tasks.error.log")]))
-    for addr, port in [*NS_TASK_BACKENDS, NS_TASK_DIRECT]:
-        wait_listening_netns(ns.client, addr, port, tasks, procs, "ns-tasks")
+    proc = start_ns_backends(procs, tmp, "ns-backends", ns.name, NS_BACKENDS, NS_DIRECT,
+                             probe_from=ns.name)
+    tasks = start_ns_backends(procs, tmp, "ns-tasks", ns.tasks, NS_TASK_BACKENDS,
+                              NS_TASK_DIRECT, probe_from=ns.client)
     # corral's own kernel fast path, exactly as a node renders and applies it.
     rules = [IngressRule(NS_NODE[1], "tcp", tuple(NS_BACKENDS)),
              IngressRule(NS_TASK_PORT, "tcp", tuple(NS_TASK_BACKENDS))]
